@@ -1,0 +1,2 @@
+"""shortgpt_fast"""
+__version__ = "0.1.0"
