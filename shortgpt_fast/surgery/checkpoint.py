@@ -1,0 +1,726 @@
+"""Cut whole layers out of a safetensors checkpoint folder without loading the model.
+
+Python plans (which tensors survive, their new names, shard names, index, config, model card); the C++ engine in
+csrc/safetensors_surgery.cpp validates every header and moves the bytes. Memory stays at the largest header plus a
+fixed copy buffer, whatever the model's size.
+
+Two modes:
+- copy (`out=`): the source is only read; the result is assembled in a hidden folder beside OUT_DIR and renamed into
+  place at the end, so an error never leaves a half-written OUT_DIR.
+- in place: a journal holding the whole plan is fsynced before anything is touched, and every step can be replayed,
+  so rerunning the same command after a crash at any point finishes the job. See docs/surgery.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+from shortgpt_fast import _C
+from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, renamed_tensor
+from shortgpt_fast.models.config_surgery import (
+    LAYER_COUNT_KEYS,
+    ConfigSurgeryError,
+    index_map,
+    layer_count,
+    prune_config_dict,
+    validate_layers,
+)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+MODEL_CARD_NAME = "README.md"
+JOURNAL_NAME = ".shortgpt-cut-journal.json"
+JOURNAL_VERSION = 1
+_TMP_SUFFIX = ".cut-tmp"
+_HASH_CHUNK = 8 << 20
+
+# Crash-injection points for tests: called after each completed in-place step with (step number, description).
+# The environment variable makes a subprocess SIGKILL itself after step k, which no `finally` can soften.
+after_step_hook: Optional[Callable[[int, str], None]] = None
+_KILL_AFTER_STEP_ENV = "SHORTGPT_FAST_CUT_KILL_AFTER_STEP"
+
+
+class SurgeryError(ValueError):
+    """A checkpoint cut was refused or failed; the message is one line and says how to fix it."""
+
+
+@dataclass
+class CutResult:
+    removed: list[int]
+    index_map: dict[int, int]
+    output: Path
+    bytes_copied: int
+    shards_written: int
+    seconds: float
+    in_place: bool
+    copy_method: str
+    verified: bool = False
+    resumed: bool = False
+
+
+@dataclass
+class ShardPlan:
+    source: str
+    target: Optional[str]  # None: every tensor in it was removed, the file goes away
+    # "header": only names change and the header still fits, so the data stays where it is.
+    # "compact": tensors were dropped (or the header grew), so the kept bytes are written to a new file.
+    # "drop": nothing kept.
+    kind: str
+    header: str = ""
+    old_header_len: int = 0
+    runs: list[list[int]] = field(default_factory=list)  # [source offset, length] in output order
+    old_header_sha256: str = ""
+    new_header_sha256: str = ""
+    final_size: int = 0
+
+
+@dataclass
+class Plan:
+    removed: list[int]
+    num_layers: int
+    prefix: str
+    mapping: dict[int, int]
+    sharded: bool
+    shards: list[ShardPlan]
+    index_text: Optional[str]
+    config_text: str
+    model_card_text: str
+    kept_bytes: int
+    # new tensor name -> (target shard, sha256 of its bytes in the source); filled only when verifying.
+    tensor_digests: Optional[dict[str, list[str]]] = None
+    # (source shard, source name, target shard, new name, source byte offset, length) for every kept tensor.
+    kept_tensors: list[tuple] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in ("removed", "num_layers", "prefix", "sharded", "index_text", "config_text",
+                                           "model_card_text", "kept_bytes", "tensor_digests", "kept_tensors")}
+        d["mapping"] = {str(k): v for k, v in self.mapping.items()}
+        d["shards"] = [vars(s) for s in self.shards]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["mapping"] = {int(k): v for k, v in d["mapping"].items()}
+        d["shards"] = [ShardPlan(**s) for s in d["shards"]]
+        d["kept_tensors"] = [tuple(t) for t in d["kept_tensors"]]
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and validating the source
+
+
+def _read_header(path: Path) -> dict:
+    try:
+        return _C.safetensors_read_header(str(path))
+    except (ValueError, OSError) as e:
+        raise SurgeryError(f"{e}; the checkpoint file is damaged, re-download or re-save it") from None
+
+
+def _header_region_sha256(path: Path, header_len: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(8 + header_len)).hexdigest()
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_link(path: Path, root: Path) -> None:
+    """Refuse files that resolve outside the checkpoint folder: carrying them would copy (or edit) foreign data.
+
+    The one exception is the Hugging Face cache layout, where snapshots/<rev>/x links to ../../blobs/<hash>.
+    """
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    root = root.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(_inside(target, a) for a in allowed):
+        raise SurgeryError(
+            f"{path} is a symlink to {target}, outside {root}; copy the checkpoint with `cp -rL` and cut the copy"
+        )
+
+
+def _shard_path(src: Path, name: object, tensor: str) -> Path:
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise SurgeryError(
+            f"{src / INDEX_NAME}: tensor '{tensor}' maps to {name!r}, which is not a plain file name in {src}; "
+            "fix the index so every shard lies inside the checkpoint folder"
+        )
+    return src / name
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"{path}: cannot read JSON ({e}); restore the file from the original checkpoint") from None
+    if not isinstance(data, dict):
+        raise SurgeryError(f"{path}: expected a JSON object; restore the file from the original checkpoint")
+    return data
+
+
+def _discover(src: Path) -> tuple[bool, Optional[dict], list[str]]:
+    """(sharded, index dict, shard file names sorted)."""
+    if not src.is_dir():
+        raise SurgeryError(f"{src} is not a directory; pass the checkpoint folder that holds config.json")
+    index_path = src / INDEX_NAME
+    if index_path.exists():
+        index = _load_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SurgeryError(f"{index_path}: no weight_map; restore the index from the original checkpoint")
+        names = set()
+        for tensor, shard in weight_map.items():
+            path = _shard_path(src, shard, tensor)
+            names.add(shard)
+            if not path.is_file():
+                raise SurgeryError(f"{index_path}: tensor '{tensor}' is in {shard}, which does not exist in {src}; "
+                                   "the download is incomplete")
+        return True, index, sorted(names)
+    if (src / SINGLE_FILE_NAME).is_file():
+        return False, None, [SINGLE_FILE_NAME]
+    raise SurgeryError(
+        f"{src} has neither {INDEX_NAME} nor {SINGLE_FILE_NAME}; the cut works on safetensors checkpoints "
+        "(re-save .bin checkpoints with save_pretrained(safe_serialization=True))"
+    )
+
+
+def _layer_count_and_type(cfg: dict, path: Path) -> tuple[int, Optional[str]]:
+    if any(isinstance(cfg.get(k), int) for k in LAYER_COUNT_KEYS):
+        return layer_count(cfg), cfg.get("model_type")
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and any(isinstance(text.get(k), int) for k in LAYER_COUNT_KEYS):
+        return layer_count(text), text.get("model_type") or cfg.get("model_type")
+    raise SurgeryError(f"{path}: no layer count ({', '.join(LAYER_COUNT_KEYS)}); cannot tell which layers exist")
+
+
+def _parse_layers(layers: Union[str, Iterable[int]]) -> list[int]:
+    if isinstance(layers, str):
+        out = []
+        for part in layers.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            try:
+                out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+            except ValueError:
+                raise SurgeryError(f"--layers {layers!r} is not a list of layer indices; write e.g. 21,22,25 or 21-25")
+        return out
+    out = list(layers)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in out):
+        raise SurgeryError(f"layers must be integers, got {out!r}")
+    return out
+
+
+def _model_card(src: Path, removed: list[int], num_layers: int) -> str:
+    card = src / MODEL_CARD_NAME
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    kept = num_layers - len(removed)
+    return text + (f"\nLayers {', '.join(map(str, removed))} of {num_layers} were removed with `shortgpt-fast cut`; "
+                   f"the remaining {kept} layers are renumbered 0-{kept - 1}.\n")
+
+
+def build_plan(src: Path, layers: Union[str, Iterable[int]]) -> Plan:
+    """Read and validate every header, then decide every byte the result will hold. Touches nothing."""
+    sharded, index, shard_names = _discover(src)
+    config_path = src / CONFIG_NAME
+    if not config_path.is_file():
+        raise SurgeryError(f"{src} has no {CONFIG_NAME}; the cut needs it to know the layer count")
+    cfg = _load_json(config_path)
+    num_layers, model_type = _layer_count_and_type(cfg, config_path)
+    for name in shard_names:
+        _check_link(src / name, src)
+    headers = {name: _read_header(src / name) for name in shard_names}
+
+    owner: dict[str, str] = {}
+    for name, h in headers.items():
+        for tensor, *_ in h["tensors"]:
+            if tensor in owner:
+                raise SurgeryError(f"tensor '{tensor}' is stored in both {owner[tensor]} and {name}; "
+                                   "remove the stale shard or re-save the checkpoint")
+            owner[tensor] = name
+    if sharded:
+        weight_map = index["weight_map"]
+        for tensor, shard in owner.items():
+            if weight_map.get(tensor) != shard:
+                raise SurgeryError(f"{src / INDEX_NAME} disagrees with the shards: '{tensor}' is in {shard} but the "
+                                   f"index says {weight_map.get(tensor)!r}; regenerate the index or re-download")
+        missing = sorted(set(weight_map) - set(owner))
+        if missing:
+            raise SurgeryError(f"{src / INDEX_NAME} lists {len(missing)} tensors no shard holds (e.g. '{missing[0]}');"
+                               " the download is incomplete")
+
+    try:
+        prefix = checkpoint_layer_prefix(owner, num_layers, model_type)
+        removed = validate_layers(_parse_layers(layers), num_layers)
+        mapping = index_map(removed, num_layers)
+        new_cfg = prune_config_dict(cfg, removed)
+    except (ArchitectureError, ConfigSurgeryError) as e:
+        raise SurgeryError(str(e)) from None
+
+    kept_shards = [n for n in shard_names
+                   if any(renamed_tensor(t[0], prefix, mapping) is not None for t in headers[n]["tensors"])]
+    if sharded:
+        targets = {n: f"model-{i + 1:05d}-of-{len(kept_shards):05d}.safetensors" for i, n in enumerate(kept_shards)}
+    else:
+        targets = {SINGLE_FILE_NAME: SINGLE_FILE_NAME}
+    for source, target in targets.items():
+        if target != source and (src / target).exists():
+            raise SurgeryError(f"{src / target} exists but is not the shard that will take that name; "
+                               "move it out of the checkpoint folder first")
+
+    shards: list[ShardPlan] = []
+    new_weight_map: dict[str, str] = {}
+    kept_tensors: list[tuple] = []
+    kept_bytes = 0
+    removed_elements = 0
+    for name in shard_names:
+        h = headers[name]
+        old_len, data_start = h["header_len"], h["data_start"]
+        old_sha = _header_region_sha256(src / name, old_len)
+        kept = []
+        for tensor, dtype, shape, begin, end in h["tensors"]:
+            new_name = renamed_tensor(tensor, prefix, mapping)
+            if new_name is None:
+                n = 1
+                for d in shape:
+                    n *= d
+                removed_elements += n
+            else:
+                kept.append((tensor, new_name, dtype, list(shape), begin, end))
+        if not kept:
+            shards.append(ShardPlan(name, None, "drop", old_header_len=old_len, old_header_sha256=old_sha,
+                                    final_size=h["file_size"]))
+            continue
+        target = targets[name]
+        header = b""
+        if len(kept) == len(h["tensors"]):
+            header = _C.safetensors_render_header(h["metadata"], [(n, d, s, b, e) for _, n, d, s, b, e in kept],
+                                                  old_len)
+        if header and len(header) == old_len:
+            kind = "header"
+            runs = [[data_start, h["file_size"] - data_start]]
+        else:
+            kind = "compact"
+            entries, runs, offset = [], [], 0
+            for _, new_name, dtype, shape, begin, end in kept:
+                entries.append((new_name, dtype, shape, offset, offset + end - begin))
+                runs.append([data_start + begin, end - begin])
+                offset += end - begin
+            header = _C.safetensors_render_header(h["metadata"], entries, old_len)
+        new_sha = hashlib.sha256(len(header).to_bytes(8, "little") + header).hexdigest()
+        final_size = 8 + len(header) + sum(r[1] for r in runs)
+        shards.append(ShardPlan(name, target, kind, header.decode("utf-8"), old_len, runs, old_sha, new_sha,
+                                final_size))
+        for tensor, new_name, dtype, shape, begin, end in kept:
+            new_weight_map[new_name] = target
+            kept_tensors.append((name, tensor, target, new_name, data_start + begin, end - begin))
+            kept_bytes += end - begin
+
+    index_text = None
+    if sharded:
+        new_index = json.loads(json.dumps(index))
+        meta = new_index.setdefault("metadata", {})
+        meta["total_size"] = kept_bytes
+        if isinstance(meta.get("total_parameters"), int):
+            meta["total_parameters"] -= removed_elements
+        new_index["weight_map"] = dict(sorted(new_weight_map.items()))
+        index_text = json.dumps(new_index, indent=2, sort_keys=True) + "\n"
+
+    return Plan(
+        removed=removed,
+        num_layers=num_layers,
+        prefix=prefix,
+        mapping=mapping,
+        sharded=sharded,
+        shards=shards,
+        index_text=index_text,
+        config_text=json.dumps(new_cfg, indent=2, sort_keys=True) + "\n",
+        model_card_text=_model_card(src, removed, num_layers),
+        kept_bytes=kept_bytes,
+        kept_tensors=kept_tensors,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small durable-write helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write via a temp file and rename, so `path` always holds either its old or its new content."""
+    tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_shard(src_file: Path, dst_file: Path, shard: ShardPlan, copy_method: str) -> tuple[int, str]:
+    try:
+        return _C.safetensors_write_shard(str(src_file), str(dst_file), shard.header.encode("utf-8"),
+                                          [tuple(r) for r in shard.runs], shard.kind == "header", copy_method, True)
+    except (ValueError, OSError) as e:
+        raise SurgeryError(f"{e}; nothing in the source was changed by this step, rerun once the cause is fixed") \
+            from None
+
+
+def _sha256_range(path: Path, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(length, _HASH_CHUNK))
+            if not chunk:
+                raise SurgeryError(f"{path} ended early while hashing tensor data; the file is truncated")
+            digest.update(chunk)
+            length -= len(chunk)
+    return digest.hexdigest()
+
+
+def _source_digests(src: Path, plan: Plan) -> dict[str, list[str]]:
+    return {new: [target, _sha256_range(src / source, offset, length)]
+            for source, _, target, new, offset, length in plan.kept_tensors}
+
+
+def _verify(result_dir: Path, plan: Plan, expected: dict[str, list[str]]) -> None:
+    """Reopen every result shard with the safetensors library and compare each tensor's bytes to `expected`."""
+    import torch
+    from safetensors import safe_open
+
+    lengths = {new: length for *_, new, _, length in plan.kept_tensors}
+    by_shard: dict[str, list[str]] = {}
+    for new_name, (target, _) in expected.items():
+        by_shard.setdefault(target, []).append(new_name)
+    for target, names in by_shard.items():
+        path = result_dir / target
+        with safe_open(str(path), framework="pt") as f:
+            present = set(f.keys())
+            if present != set(names):
+                raise SurgeryError(f"verify: {path} holds {sorted(present ^ set(names))[:3]} unexpectedly; "
+                                   "the cut is wrong, please report it")
+            for name in names:
+                digest = hashlib.sha256()
+                piece = f.get_slice(name)
+                shape = piece.get_shape()
+                if not shape or shape[0] == 0:
+                    digest.update(f.get_tensor(name).reshape(-1).view(torch.uint8).numpy())
+                else:
+                    # Row slices keep memory at one hash chunk even for a multi-GB embedding.
+                    rows = max(1, _HASH_CHUNK // max(1, lengths[name] // shape[0]))
+                    for start in range(0, shape[0], rows):
+                        chunk = piece[start:start + rows].contiguous().reshape(-1)
+                        digest.update(chunk.view(torch.uint8).numpy())
+                if digest.hexdigest() != expected[name][1]:
+                    raise SurgeryError(f"verify: tensor '{name}' in {path} differs from the source bytes; "
+                                       "the result is corrupt, do not use it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copy mode
+
+
+def _other_files(src: Path, plan: Plan) -> list[Path]:
+    skip = {s.source for s in plan.shards} | {INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME, JOURNAL_NAME}
+    out = []
+    for root, dirs, files in os.walk(src):
+        root_path = Path(root)
+        dirs.sort()
+        for name in sorted(files):
+            path = root_path / name
+            rel = path.relative_to(src)
+            if root_path == src and (name in skip or name.endswith(_TMP_SUFFIX)):
+                continue
+            _check_link(path, src)
+            out.append(rel)
+    return out
+
+
+def _cut_copy(src: Path, out: Path, plan: Plan, verify: bool, copy_method: str) -> tuple[int, int, str]:
+    if out.resolve() == src.resolve():
+        raise SurgeryError(f"--out {out} is the checkpoint itself; use --in-place to edit it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SurgeryError(f"{out} already exists and is not an empty directory; choose a new --out path")
+    other = _other_files(src, plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}{_TMP_SUFFIX}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    copied, written, methods = 0, 0, set()
+    try:
+        for shard in plan.shards:
+            if shard.kind == "drop":
+                continue
+            n, method = _write_shard(src / shard.source, staging / shard.target, shard, copy_method)
+            copied += n
+            written += 1
+            methods.add(method)
+        for rel in other:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, staging / rel)
+        if plan.index_text is not None:
+            (staging / INDEX_NAME).write_text(plan.index_text, encoding="utf-8")
+        (staging / CONFIG_NAME).write_text(plan.config_text, encoding="utf-8")
+        (staging / MODEL_CARD_NAME).write_text(plan.model_card_text, encoding="utf-8")
+        if verify:
+            _verify(staging, plan, _source_digests(src, plan))
+        for small in (INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME):
+            if (staging / small).exists():
+                with open(staging / small, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(staging)
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return copied, written, "+".join(sorted(methods)) or "none"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-place mode
+
+
+def _step_done(step: int, what: str) -> None:
+    if after_step_hook is not None:
+        after_step_hook(step, what)
+    kill_after = os.environ.get(_KILL_AFTER_STEP_ENV)
+    if kill_after is not None and step >= int(kill_after):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _refuse_shared_files(src: Path, plan: Plan) -> None:
+    # A header rewritten in place would also change every other name for the same inode (hard links) or the link
+    # target (symlinks), e.g. the original model a checkpoint was `cp -al`-ed from.
+    for shard in plan.shards:
+        path = src / shard.source
+        if shard.kind == "header" and (path.is_symlink() or path.stat().st_nlink > 1):
+            raise SurgeryError(f"{path} is a symlink or has other hard links; an in-place edit would change the "
+                               "linked copy too. Use --out, or replace it with a real copy (cp --remove-destination)")
+
+
+def _apply_shard_in_place(src: Path, shard: ShardPlan, copy_method: str) -> int:
+    source, target = src / shard.source, src / shard.target
+    if shard.kind == "header":
+        # The data region is never written in this mode, so rewriting the header is always safe to repeat, whether
+        # the last attempt finished, never started, or was torn halfway.
+        path = source if source.exists() else target
+        if not path.exists():
+            raise SurgeryError(f"neither {source} nor {target} exists; the checkpoint lost a shard outside this "
+                               "tool. Restore it from the original download")
+        if path.stat().st_size != shard.final_size:
+            raise SurgeryError(f"{path} is {path.stat().st_size} bytes, expected {shard.final_size}; it was changed "
+                               f"outside the cut. Restore it and rerun, or delete {src / JOURNAL_NAME} to abandon")
+        if _header_region_sha256(path, len(shard.header.encode('utf-8'))) != shard.new_header_sha256:
+            try:
+                _C.safetensors_overwrite_header(str(path), shard.header.encode("utf-8"), shard.old_header_len)
+            except (ValueError, OSError) as e:
+                raise SurgeryError(f"{e}; rerun the same command to finish the cut") from None
+        if path != target:
+            os.rename(path, target)
+            _fsync_dir(src)
+        return 0
+    # Compacted shards are rebuilt into a temp file from the untouched source and renamed over the target, so the
+    # source bytes stay readable until the new file is durable.
+    if source.exists():
+        if source == target and _header_region_sha256(source, len(shard.header.encode("utf-8"))) == \
+                shard.new_header_sha256 and source.stat().st_size == shard.final_size:
+            return 0
+        if _header_region_sha256(source, shard.old_header_len) != shard.old_header_sha256:
+            raise SurgeryError(f"{source} no longer matches the header recorded in {src / JOURNAL_NAME}; it was "
+                               "changed outside the cut. Restore it from the original download and rerun")
+        tmp = src / f".{shard.target}{_TMP_SUFFIX}"
+        copied, _ = _write_shard(source, tmp, shard, copy_method)
+        os.replace(tmp, target)
+        _fsync_dir(src)
+        if source != target:
+            os.unlink(source)
+            _fsync_dir(src)
+        return copied
+    if not target.exists() or _header_region_sha256(target, len(shard.header.encode("utf-8"))) != \
+            shard.new_header_sha256:
+        raise SurgeryError(f"{source} is gone but {target} is not the finished shard; the folder was changed "
+                           "outside the cut. Restore the checkpoint from the original download")
+    return 0
+
+
+def _cut_in_place(src: Path, layers, verify: bool, copy_method: str) -> tuple[Plan, int, int, bool]:
+    journal_path = src / JOURNAL_NAME
+    resumed = journal_path.exists()
+    if resumed:
+        journal = _load_json(journal_path)
+        if journal.get("version") != JOURNAL_VERSION or "plan" not in journal:
+            raise SurgeryError(f"{journal_path} was written by another version; finish it with that version")
+        plan = Plan.from_json(journal["plan"])
+        try:
+            requested = validate_layers(_parse_layers(layers), plan.num_layers)
+        except ConfigSurgeryError as e:
+            raise SurgeryError(str(e)) from None
+        if requested != plan.removed:
+            raise SurgeryError(f"an interrupted in-place cut of layers {plan.removed} is pending in {src}; rerun "
+                               f"with --layers {','.join(map(str, plan.removed))} --in-place to finish it first")
+    else:
+        plan = build_plan(src, layers)
+        _refuse_shared_files(src, plan)
+        if verify:
+            plan.tensor_digests = _source_digests(src, plan)
+        _write_durable(journal_path, json.dumps({"version": JOURNAL_VERSION, "plan": plan.to_json()}).encode())
+    step = 0
+    _step_done(step, "journal written")
+    copied = written = 0
+    for shard in plan.shards:
+        if shard.kind == "drop":
+            continue
+        copied += _apply_shard_in_place(src, shard, copy_method)
+        written += 1
+        step += 1
+        _step_done(step, f"shard {shard.source} -> {shard.target}")
+    small = [(INDEX_NAME, plan.index_text), (CONFIG_NAME, plan.config_text), (MODEL_CARD_NAME, plan.model_card_text)]
+    for name, text in small:
+        if text is None:
+            continue
+        _write_durable(src / name, text.encode("utf-8"))
+        step += 1
+        _step_done(step, f"wrote {name}")
+    # Dropped shards go last: until the new index is in place, they are still what the old index points at.
+    for shard in plan.shards:
+        if shard.kind == "drop" and (src / shard.source).exists():
+            os.unlink(src / shard.source)
+    _fsync_dir(src)
+    step += 1
+    _step_done(step, "removed emptied shards")
+    if verify:
+        if plan.tensor_digests is None:
+            raise SurgeryError(f"cannot verify: the interrupted run that wrote {journal_path} did not record "
+                               "checksums; rerun without --verify to finish, then reload the model to check it")
+        _verify(src, plan, plan.tensor_digests)
+    os.unlink(journal_path)
+    _fsync_dir(src)
+    return plan, copied, written, resumed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API and CLI
+
+
+def cut_checkpoint(
+    src: Union[str, os.PathLike],
+    layers: Union[str, Sequence[int]],
+    out: Union[str, os.PathLike, None] = None,
+    in_place: bool = False,
+    verify: bool = False,
+    copy_method: str = "auto",
+) -> CutResult:
+    """Remove whole layers from a safetensors checkpoint folder without loading the model.
+
+    Args:
+        src: folder holding config.json and either model.safetensors or model.safetensors.index.json plus shards.
+        layers: indices to remove (original numbering), as ints or a string like "21,22,25" or "21-25".
+        out: copy mode: a new (or empty) folder for the result; `src` is only read.
+        in_place: edit `src` itself, crash-safely (see docs/surgery.md). Exactly one of `out` / `in_place`.
+        verify: reopen the result with the safetensors library and check every kept tensor's bytes.
+        copy_method: "auto" (reflink, then copy_file_range, then read/write), "copy_file_range" or "readwrite".
+
+    Returns:
+        CutResult with the removed layers, the old->new index map, the output folder, bytes copied and timing.
+
+    Raises:
+        SurgeryError: one-line reason and fix for any refused or failed cut.
+    """
+    start = time.perf_counter()
+    src = Path(src)
+    if (out is None) == (not in_place):
+        raise SurgeryError("pass exactly one of --out OUT_DIR (copy) or --in-place")
+    if copy_method not in ("auto", "copy_file_range", "readwrite"):
+        raise SurgeryError(f"copy_method must be auto, copy_file_range or readwrite, not {copy_method!r}")
+    if in_place:
+        if not src.is_dir():
+            raise SurgeryError(f"{src} is not a directory; pass the checkpoint folder that holds config.json")
+        plan, copied, written, resumed = _cut_in_place(src, layers, verify, copy_method)
+        output, method = src, copy_method
+    else:
+        if (src / JOURNAL_NAME).exists():
+            raise SurgeryError(f"{src} is in the middle of an interrupted in-place cut; rerun that command with "
+                               "--in-place to finish it before copying")
+        plan = build_plan(src, layers)
+        output = Path(out)
+        copied, written, method = _cut_copy(src, output, plan, verify, copy_method)
+        resumed = False
+    return CutResult(
+        removed=plan.removed,
+        index_map=plan.mapping,
+        output=output,
+        bytes_copied=copied,
+        shards_written=written,
+        seconds=time.perf_counter() - start,
+        in_place=in_place,
+        copy_method=method,
+        verified=verify,
+        resumed=resumed,
+    )
+
+
+def _run_cut_command(args: argparse.Namespace) -> int:
+    result = cut_checkpoint(args.checkpoint, args.layers, out=args.out, in_place=args.in_place,
+                            verify=args.verify, copy_method=args.copy_method)
+    kept = len(result.index_map)
+    print(f"removed layers {result.removed} ({kept} remain) -> {result.output}: {result.shards_written} shards, "
+          f"{result.bytes_copied / 1e9:.2f} GB copied in {result.seconds:.2f} s"
+          + (" (resumed an interrupted cut)" if result.resumed else "")
+          + (", every kept tensor verified" if result.verified else ""))
+    return 0
+
+
+def add_cut_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `cut` on an argparse subparsers object; its `func` default runs it and returns an exit code."""
+    p = subparsers.add_parser(
+        "cut",
+        help="remove layers from a safetensors checkpoint folder without loading the model",
+        description="Remove whole layers from a safetensors checkpoint (sharded or single-file) without loading it. "
+                    "Only changed bytes are rewritten; config.json, the index and the model card are updated.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors[.index.json])")
+    p.add_argument("--layers", required=True, help="layers to remove, original numbering, e.g. 21,22,25 or 21-25")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--out", help="write the result to this new (or empty) folder; the source is only read")
+    mode.add_argument("--in-place", action="store_true",
+                      help="edit the checkpoint itself, crash-safely: rerun the same command after any crash")
+    p.add_argument("--verify", action="store_true", help="reopen the result and check every kept tensor's bytes")
+    p.add_argument("--copy-method", default="auto", choices=("auto", "copy_file_range", "readwrite"),
+                   help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_cut_command)
+    return p
