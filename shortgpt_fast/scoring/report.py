@@ -1,0 +1,218 @@
+"""Metrics, rankings, bootstrap confidence intervals and the JSON report, all derived from per-sequence sums."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .block_influence import LayerStats
+
+# Metrics ranked "least important first" by ascending value: a block that changes its input least goes first.
+SCORE_METRICS = ("bi", "angular", "angular_last_token", "relative_magnitude")
+BASELINE_METRICS = ("reverse", "random", "last")
+SPAN_METRIC = "angular_span"  # Gromov et al.: best block of n consecutive layers
+METRICS = SCORE_METRICS + BASELINE_METRICS + (SPAN_METRIC,)
+BOOTSTRAP_RESAMPLES = 1000
+DEFAULT_RATIO = 0.25
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"shortgpt_fast": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class Scores:
+    """Per-layer scores of one model on one calibration set. `to_dict()` is the stable JSON report."""
+
+    model: str
+    stats: LayerStats
+    calibration: dict
+    seed: int = 0
+    timings: dict = field(default_factory=dict)
+    removed: Optional[list] = None
+    removal_metric: Optional[str] = None
+    index_map: Optional[dict] = None
+    _bootstrap: Optional[np.ndarray] = field(default=None, repr=False)
+
+    # ---- raw metrics -------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.stats.per_sequence.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.stats.per_sequence[0, :, 0].sum())
+
+    def _token_mean(self, column: int) -> np.ndarray:
+        sums = self.stats.per_sequence[:, :, column].sum(dim=1)
+        return (sums / self.stats.per_sequence[:, :, 0].sum(dim=1)).numpy()
+
+    @property
+    def bi(self) -> np.ndarray:
+        return self._token_mean(1)
+
+    @property
+    def angular(self) -> np.ndarray:
+        return self._token_mean(2)
+
+    @property
+    def relative_magnitude(self) -> np.ndarray:
+        return self._token_mean(3)
+
+    @property
+    def angular_last_token(self) -> np.ndarray:
+        per_seq = self.stats.per_sequence
+        has_tokens = (per_seq[:, :, 0] > 0).to(torch.float64)
+        return ((per_seq[:, :, 5] * has_tokens).sum(dim=1) / has_tokens.sum(dim=1)).numpy()
+
+    def metric(self, name: str) -> np.ndarray:
+        if name not in SCORE_METRICS:
+            raise SelectionError(f"unknown score metric {name!r}; choose one of {SCORE_METRICS}")
+        return getattr(self, name)
+
+    def angular_span(self, n: int) -> np.ndarray:
+        if n not in self.stats.span_angular:
+            raise SelectionError(
+                f"angular distance over {n} layers was not computed (spans 1..{max(self.stats.span_angular, default=0)}); "
+                "rescore with a larger --angular-span")
+        return self.stats.span_angular[n].mean(dim=1).numpy()
+
+    # ---- bootstrap ---------------------------------------------------------------------------------------------
+    def bootstrap_bi(self) -> np.ndarray:
+        """BI of every layer under BOOTSTRAP_RESAMPLES resamples of whole sequences: [resamples, layers]."""
+        if self._bootstrap is None:
+            per_seq = self.stats.per_sequence.numpy()
+            num_seqs = per_seq.shape[1]
+            rng = np.random.default_rng(self.seed)
+            counts = rng.multinomial(num_seqs, np.full(num_seqs, 1.0 / num_seqs), size=BOOTSTRAP_RESAMPLES)
+            sums = counts @ per_seq[:, :, 1].T
+            tokens = counts @ per_seq[:, :, 0].T
+            self._bootstrap = sums / np.maximum(tokens, 1)
+        return self._bootstrap
+
+    def bi_ci95(self) -> np.ndarray:
+        return np.percentile(self.bootstrap_bi(), [2.5, 97.5], axis=0).T
+
+    def rank_stability(self, n_remove: int) -> dict:
+        """How often resampling the calibration sequences changes the BI-chosen set of `n_remove` layers."""
+        chosen = set(self.select("bi", n_remove))
+        boot = self.bootstrap_bi()
+        picks = np.argsort(boot, axis=1, kind="stable")[:, :n_remove]
+        same = np.mean([set(row.tolist()) == chosen for row in picks])
+        freq = np.bincount(picks.ravel(), minlength=self.num_layers) / len(picks)
+        return {"n_remove": n_remove, "same_set_fraction": float(same),
+                "selection_frequency": [round(float(f), 4) for f in freq]}
+
+    # ---- rankings and selection --------------------------------------------------------------------------------
+    def ranking(self, metric: str) -> list[int]:
+        """Layer indices, least important first."""
+        n = self.num_layers
+        if metric in SCORE_METRICS:
+            return [int(i) for i in np.argsort(self.metric(metric), kind="stable")]
+        if metric == "reverse":
+            return list(range(n - 1, -1, -1))
+        if metric == "random":
+            return [int(i) for i in np.random.default_rng(self.seed).permutation(n)]
+        if metric == "last":
+            # The deepest layers except the final one, which the paper shows is the most harmful to remove.
+            return list(range(n - 2, -1, -1)) + [n - 1]
+        raise SelectionError(f"unknown metric {metric!r}; choose one of {METRICS}")
+
+    def select(self, metric: str, n_remove: int) -> list[int]:
+        return _choose(self.num_layers, metric, n_remove, self.ranking, self.angular_span)
+
+    # ---- report ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        ci = self.bi_ci95()
+        bi, ang, ang_last, rel = self.bi, self.angular, self.angular_last_token, self.relative_magnitude
+        layers = [{
+            "index": i,
+            "bi": float(bi[i]),
+            "bi_ci95": [float(ci[i, 0]), float(ci[i, 1])],
+            "angular": float(ang[i]),
+            "angular_last_token": float(ang_last[i]),
+            "relative_magnitude": float(rel[i]),
+        } for i in range(self.num_layers)]
+        default_n = max(1, round(DEFAULT_RATIO * self.num_layers)) if self.num_layers > 1 else 0
+        report = {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "tokens": self.tokens,
+            "calibration": self.calibration,
+            "block_path": self.stats.block_path,
+            "layers": layers,
+            "ranking": {m: self.ranking(m) for m in SCORE_METRICS + BASELINE_METRICS},
+            "angular_span": {str(n): [float(v) for v in self.angular_span(n)] for n in sorted(self.stats.span_angular)},
+            "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "unit": "sequence", "seed": self.seed},
+            "rank_stability": self.rank_stability(len(self.removed) if self.removed else default_n)
+            if self.num_layers > 1 else None,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "versions": _versions(),
+        }
+        if self.removed is not None:
+            report["removed"] = list(self.removed)
+            report["removal_metric"] = self.removal_metric
+            report["index_map"] = {str(k): v for k, v in self.index_map.items()}
+        return report
+
+    def save(self, path) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+
+    def mark_removed(self, removed: list, metric: str, index_map: dict) -> None:
+        self.removed, self.removal_metric, self.index_map = sorted(removed), metric, dict(index_map)
+
+
+def removal_count(num_layers: int, remove: Optional[int] = None, ratio: Optional[float] = None) -> int:
+    if remove is not None:
+        if remove < 1 or remove >= num_layers:
+            raise SelectionError(f"--remove {remove} is impossible for a model with {num_layers} layers; "
+                                 f"choose 1..{num_layers - 1}")
+        return remove
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise SelectionError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+        n = math.floor(ratio * num_layers + 0.5)
+        if n < 1 or n >= num_layers:
+            raise SelectionError(f"--ratio {ratio} removes {n} of {num_layers} layers; choose a ratio that removes "
+                                 f"1..{num_layers - 1}")
+        return n
+    raise SelectionError("say how many layers to remove: --remove N, --ratio R or --layers i,j")
+
+
+def _choose(num_layers: int, metric: str, n_remove: int, ranking, span) -> list[int]:
+    if not 1 <= n_remove < num_layers:
+        raise SelectionError(f"cannot remove {n_remove} of {num_layers} layers; choose 1..{num_layers - 1}")
+    if metric == SPAN_METRIC:
+        start = int(np.argmin(span(n_remove)))
+        return list(range(start, start + n_remove))
+    return sorted(ranking(metric)[:n_remove])
+
+
+def select_from_report(report: dict, metric: str, n_remove: int) -> list[int]:
+    """The same choice as `Scores.select`, from a saved JSON report (no rescoring)."""
+    def ranking(name):
+        if name not in report["ranking"]:
+            raise SelectionError(f"the report has no ranking for {name!r}; it has {sorted(report['ranking'])}")
+        return report["ranking"][name]
+
+    def span(n):
+        spans = report.get("angular_span", {})
+        if str(n) not in spans:
+            raise SelectionError(f"the report has no angular distance over {n} layers; rescore with --angular-span {n}")
+        return np.asarray(spans[str(n)])
+
+    return _choose(report["num_layers"], metric, n_remove, ranking, span)
