@@ -1,0 +1,196 @@
+// Per-row sums for the fused BI reduction, written once with GCC vector extensions and compiled several times
+// by csrc/bi_reduce.cpp, each time inside a different `#pragma GCC target` region and namespace. The logical
+// vector is 16 floats on every ISA (one zmm, two ymm or four xmm), so the summation tree depends only on the
+// hidden size: AVX-512 and AVX2 builds give the same bits, and the thread count never enters.
+//
+// Deliberately no include guard: each inclusion is a separate ISA build.
+// Expected from the includer: <cstring>, <cstdint>, <immintrin.h>, and BI_ROWS_HAVE_F16C (0 or 1).
+
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef uint16_t Half16 __attribute__((vector_size(32)));
+typedef uint32_t Word16 __attribute__((vector_size(64)));
+
+constexpr int kLanes = 16;
+// 8 vectors per block keep each lane's serial chain short; blocks are then merged pairwise (a cascade),
+// which keeps the fp32 error of an 8192-wide row close to that of torch's own cascaded sum.
+constexpr int kBlockVectors = 8;
+constexpr int64_t kBlockElems = int64_t(kLanes) * kBlockVectors;
+constexpr int kMaxLevels = 64;
+
+struct Partial {
+    Vec16 dot, sq_in, sq_out, sq_diff;
+};
+
+static inline __attribute__((always_inline)) Partial zero_partial() {
+    Partial p;
+    p.dot = p.sq_in = p.sq_out = p.sq_diff = Vec16{};
+    return p;
+}
+
+static inline __attribute__((always_inline)) void add_into(Partial& acc, const Partial& other) {
+    acc.dot += other.dot;
+    acc.sq_in += other.sq_in;
+    acc.sq_out += other.sq_out;
+    acc.sq_diff += other.sq_diff;
+}
+
+static inline __attribute__((always_inline)) float bf16_bits_to_float(uint16_t bits) {
+    uint32_t widened = uint32_t(bits) << 16;
+    float value;
+    std::memcpy(&value, &widened, 4);
+    return value;
+}
+
+static inline __attribute__((always_inline)) float fp16_bits_to_float(uint16_t bits) {
+#if BI_ROWS_HAVE_F16C
+    return _cvtsh_ss(bits);
+#else
+    // Bit-exact IEEE half -> single without F16C, so the fallback build needs no libgcc soft-float helper.
+    uint32_t sign = uint32_t(bits & 0x8000u) << 16;
+    uint32_t exponent = (bits >> 10) & 0x1fu;
+    uint32_t mantissa = bits & 0x3ffu;
+    uint32_t word;
+    if (exponent == 0x1fu) {
+        word = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        word = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        word = sign;
+    } else {
+        // Subnormal half: renormalise into a normal single.
+        int shift = 0;
+        while ((mantissa & 0x400u) == 0) {
+            mantissa <<= 1;
+            ++shift;
+        }
+        mantissa &= 0x3ffu;
+        word = sign | (uint32_t(113 - shift) << 23) | (mantissa << 13);
+    }
+    float value;
+    std::memcpy(&value, &word, 4);
+    return value;
+#endif
+}
+
+template <int DT>
+static inline __attribute__((always_inline)) Vec16 load16(const char* p) {
+    if constexpr (DT == sgf::kFloat32) {
+        Vec16 v;
+        std::memcpy(&v, p, sizeof(v));
+        return v;
+    } else if constexpr (DT == sgf::kBFloat16) {
+        Half16 raw;
+        std::memcpy(&raw, p, sizeof(raw));
+        Word16 widened = __builtin_convertvector(raw, Word16) << 16;
+        Vec16 v;
+        std::memcpy(&v, &widened, sizeof(v));
+        return v;
+    } else {
+#if BI_ROWS_HAVE_F16C
+        // GCC lowers a vector _Float16 conversion to one vcvtph2ps per element; the intrinsic does 8 at once.
+        __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+        Vec16 v;
+        std::memcpy(&v, &lo, 32);
+        std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+        return v;
+#else
+        Vec16 v;
+        for (int lane = 0; lane < kLanes; ++lane) {
+            uint16_t bits;
+            std::memcpy(&bits, p + 2 * lane, 2);
+            v[lane] = fp16_bits_to_float(bits);
+        }
+        return v;
+#endif
+    }
+}
+
+static inline __attribute__((always_inline)) void accumulate_vector(Partial& acc, Vec16 a, Vec16 b) {
+    Vec16 diff = b - a;
+    acc.dot += a * b;
+    acc.sq_in += a * a;
+    acc.sq_out += b * b;
+    acc.sq_diff += diff * diff;
+}
+
+static inline __attribute__((always_inline)) float lane_sum(Vec16 v) {
+    // Fixed pairwise tree over the 16 lanes.
+    float s8[8], s4[4], s2[2];
+    for (int i = 0; i < 8; ++i) s8[i] = v[i] + v[i + 8];
+    for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+    for (int i = 0; i < 2; ++i) s2[i] = s4[i] + s4[i + 2];
+    return s2[0] + s2[1];
+}
+
+// Binary-counter cascade: level k holds the sum of 2^k blocks, so every block passes through O(log n) adds.
+struct Cascade {
+    Partial level[kMaxLevels];
+    uint64_t occupied = 0;
+
+    inline __attribute__((always_inline)) void push(Partial block) {
+        int k = 0;
+        while (occupied & (uint64_t(1) << k)) {
+            add_into(block, level[k]);
+            occupied &= ~(uint64_t(1) << k);
+            ++k;
+        }
+        level[k] = block;
+        occupied |= uint64_t(1) << k;
+    }
+
+    inline __attribute__((always_inline)) Partial total() const {
+        Partial sum = zero_partial();
+        for (int k = 0; k < kMaxLevels; ++k) {
+            if (occupied & (uint64_t(1) << k)) add_into(sum, level[k]);
+        }
+        return sum;
+    }
+};
+
+template <int DT>
+static RowSums row_sums(const char* a, const char* b, int64_t hidden) {
+    constexpr int64_t elem_bytes = DT == sgf::kFloat32 ? 4 : 2;
+    Cascade cascade;
+    int64_t start = 0;
+    for (; start + kBlockElems <= hidden; start += kBlockElems) {
+        Partial block = zero_partial();
+        const char* pa = a + start * elem_bytes;
+        const char* pb = b + start * elem_bytes;
+#pragma GCC unroll 8
+        for (int v = 0; v < kBlockVectors; ++v) {
+            accumulate_vector(block, load16<DT>(pa + v * kLanes * elem_bytes), load16<DT>(pb + v * kLanes * elem_bytes));
+        }
+        cascade.push(block);
+    }
+    if (start < hidden) {
+        Partial block = zero_partial();
+        for (; start + kLanes <= hidden; start += kLanes) {
+            accumulate_vector(block, load16<DT>(a + start * elem_bytes), load16<DT>(b + start * elem_bytes));
+        }
+        if (start < hidden) {
+            // Zero padding adds exactly nothing to any of the four sums.
+            alignas(64) char tail_a[kLanes * elem_bytes] = {};
+            alignas(64) char tail_b[kLanes * elem_bytes] = {};
+            std::memcpy(tail_a, a + start * elem_bytes, (hidden - start) * elem_bytes);
+            std::memcpy(tail_b, b + start * elem_bytes, (hidden - start) * elem_bytes);
+            accumulate_vector(block, load16<DT>(tail_a), load16<DT>(tail_b));
+        }
+        cascade.push(block);
+    }
+    Partial sum = cascade.total();
+    return RowSums{lane_sum(sum.dot), lane_sum(sum.sq_in), lane_sum(sum.sq_out), lane_sum(sum.sq_diff)};
+}
+
+static void rows_to_sums(const RowJob& job, int64_t row_begin, int64_t row_end, RowSums* sums) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+        if (!job.mask[row]) continue;
+        const char* a = job.x_in + row * job.in_row_bytes;
+        const char* b = job.x_out + row * job.out_row_bytes;
+        switch (job.dtype) {
+            case sgf::kFloat32: sums[row] = row_sums<sgf::kFloat32>(a, b, job.hidden); break;
+            case sgf::kBFloat16: sums[row] = row_sums<sgf::kBFloat16>(a, b, job.hidden); break;
+            default: sums[row] = row_sums<sgf::kFloat16>(a, b, job.hidden); break;
+        }
+    }
+}

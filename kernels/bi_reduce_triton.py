@@ -1,0 +1,215 @@
+"""Fused BI reduction in Triton (GPU, or CPU tensors under TRITON_INTERPRET=1): kernels and launcher in one file.
+
+Stage 1 (`_bi_row_terms_kernel`): one program per block of rows reads each row of x_in and x_out once, keeps
+fp32 lane accumulators, folds them with a fixed halving tree, and writes the float64 per-row terms
+(1 - cos, angular, relative magnitude). Stage 2 (`_bi_seq_reduce_kernel`): one program per sequence walks its
+rows block by block, in order, and accumulates in float64. No float atomics, and both trees are fixed by
+constants rather than by the launch configuration, so the bits do not depend on autotuning.
+
+Importing this module never fails for want of Triton or a GPU: the backend then lists the reason instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from shortgpt_fast.ops.bi_reduce import EPS, NUM_STATS, Backend, BIReduceInputs, register_backend, seq_offsets
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_PROBLEM = None
+except ImportError as exc:  # the op still works through the other backends
+    triton = None
+    tl = None
+    _TRITON_PROBLEM = f"triton is not installed ({exc}); `pip install triton` on a CUDA machine"
+
+# Lanes per row in stage 1 and rows per step in stage 2. Part of the numerics (they fix the summation trees),
+# so they are constants, never tuned.
+LANES = 256  # powers of two: the halving trees need them
+SEQ_BLOCK = 256
+LOG2_LANES = LANES.bit_length() - 1
+LOG2_SEQ_BLOCK = SEQ_BLOCK.bit_length() - 1
+# Rows per stage-1 program when nothing is tuned (interpreter, or a GPU without autotuning).
+DEFAULT_BLOCK_ROWS = 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_total(x, LOG2_WIDTH: tl.constexpr):
+        # Halving tree x[:, j] + x[:, j + width/2]: a sum of two terms has the same bits in either order, so the
+        # tree is fixed by LOG2_WIDTH alone, whatever layout or num_warps the compiler picks (tl.sum over the
+        # whole axis would follow the layout).
+        for _ in tl.static_range(LOG2_WIDTH):
+            x = tl.sum(tl.reshape(x, [x.shape[0], 2, x.shape[1] // 2]), axis=1)
+        return tl.reshape(x, [x.shape[0]])
+
+    @triton.jit
+    def _acos_f64(x):
+        # fdlibm's rational approximation of acos, in float64: libdevice has acos, but the interpreter does not.
+        pio2_hi = 1.57079632679489655800e00
+        pio2_lo = 6.12323399573676603587e-17
+        pi = 3.14159265358979311600e00
+        small = tl.abs(x) < 0.5
+        z = tl.where(small, x * x, tl.where(x < 0.0, (1.0 + x) * 0.5, (1.0 - x) * 0.5))
+        p = z * (1.66666666666666657415e-01 + z * (-3.25565818622400915405e-01 + z * (
+            2.01212532134862925881e-01 + z * (-4.00555345006794114027e-02 + z * (
+                7.91534994289814532176e-04 + z * 3.47933107596021167570e-05)))))
+        q = 1.0 + z * (-2.40339491173441421878e00 + z * (2.02094576023350569471e00 + z * (
+            -6.88283971605453293030e-01 + z * 7.70381505559019352791e-02)))
+        r = p / q
+        s = tl.sqrt(z)
+        near_zero = pio2_hi - (x - (pio2_lo - x * r))
+        near_minus_one = pi - 2.0 * (s + (r * s - pio2_lo))
+        near_one = 2.0 * (s + r * s)
+        return tl.where(small, near_zero, tl.where(x < 0.0, near_minus_one, near_one))
+
+    @triton.jit
+    def _bi_row_terms_kernel(
+        x_in_ptr, x_out_ptr, mask_ptr, terms_ptr,
+        tokens, hidden,
+        in_row_stride, in_col_stride, out_row_stride, out_col_stride,
+        EPS_: tl.constexpr, BLOCK_ROWS: tl.constexpr, LANES_: tl.constexpr, LOG2_LANES: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        in_range = rows < tokens
+        # Masked rows are never loaded, so NaN or garbage there cannot reach the sums.
+        valid = (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0) & in_range
+        rows64 = rows.to(tl.int64)
+        lanes = tl.arange(0, LANES_)
+        dot = tl.zeros([BLOCK_ROWS, LANES_], dtype=tl.float32)
+        sq_in = tl.zeros([BLOCK_ROWS, LANES_], dtype=tl.float32)
+        sq_out = tl.zeros([BLOCK_ROWS, LANES_], dtype=tl.float32)
+        sq_diff = tl.zeros([BLOCK_ROWS, LANES_], dtype=tl.float32)
+        for start in range(0, hidden, LANES_):
+            cols = (start + lanes).to(tl.int64)
+            load_mask = valid[:, None] & (cols < hidden)[None, :]
+            a = tl.load(x_in_ptr + rows64[:, None] * in_row_stride + cols[None, :] * in_col_stride,
+                        mask=load_mask, other=0.0).to(tl.float32)
+            b = tl.load(x_out_ptr + rows64[:, None] * out_row_stride + cols[None, :] * out_col_stride,
+                        mask=load_mask, other=0.0).to(tl.float32)
+            diff = b - a
+            dot += a * b
+            sq_in += a * a
+            sq_out += b * b
+            sq_diff += diff * diff
+        dot64 = _row_total(dot, LOG2_LANES).to(tl.float64)
+        norm_in = tl.sqrt(_row_total(sq_in, LOG2_LANES).to(tl.float64))
+        norm_out = tl.sqrt(_row_total(sq_out, LOG2_LANES).to(tl.float64))
+        norm_diff = tl.sqrt(_row_total(sq_diff, LOG2_LANES).to(tl.float64))
+        # Comparisons rather than maximum/minimum, so NaN in a valid row propagates as in the torch backend.
+        denom = norm_in * norm_out
+        denom = tl.where(denom < EPS_, EPS_, denom)
+        cos = dot64 / denom
+        cos = tl.where(cos < -1.0, -1.0, cos)
+        cos = tl.where(cos > 1.0, 1.0, cos)
+        one_minus_cos = 1.0 - cos
+        angular = _acos_f64(cos) / 3.14159265358979311600e00
+        rel_magnitude = norm_diff / tl.where(norm_out < EPS_, EPS_, norm_out)
+        base = terms_ptr + rows64 * 3
+        tl.store(base + 0, one_minus_cos, mask=in_range)
+        tl.store(base + 1, angular, mask=in_range)
+        tl.store(base + 2, rel_magnitude, mask=in_range)
+
+    @triton.jit
+    def _bi_seq_reduce_kernel(terms_ptr, mask_ptr, offsets_ptr, out_ptr, SEQ_BLOCK_: tl.constexpr,
+                              LOG2_SEQ_BLOCK: tl.constexpr):
+        seq = tl.program_id(0)
+        first = tl.load(offsets_ptr + seq)
+        end = tl.load(offsets_ptr + seq + 1)
+        offs = tl.arange(0, SEQ_BLOCK_)
+        count = tl.zeros([1], dtype=tl.float64)
+        sum_omc = tl.zeros([1], dtype=tl.float64)
+        sum_ang = tl.zeros([1], dtype=tl.float64)
+        sum_rel = tl.zeros([1], dtype=tl.float64)
+        last_valid = tl.full([1], -1, dtype=tl.int64)
+        for block_start in range(first, end, SEQ_BLOCK_):
+            rows = block_start + offs
+            in_seq = rows < end
+            valid = (tl.load(mask_ptr + rows, mask=in_seq, other=0) != 0) & in_seq
+            base = terms_ptr + rows.to(tl.int64) * 3
+            omc = tl.where(valid, tl.load(base + 0, mask=valid, other=0.0), 0.0)
+            ang = tl.where(valid, tl.load(base + 1, mask=valid, other=0.0), 0.0)
+            rel = tl.where(valid, tl.load(base + 2, mask=valid, other=0.0), 0.0)
+            count += _row_total(tl.reshape(valid.to(tl.float64), [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
+            sum_omc += _row_total(tl.reshape(omc, [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
+            sum_ang += _row_total(tl.reshape(ang, [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
+            sum_rel += _row_total(tl.reshape(rel, [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
+            block_last = tl.max(tl.where(valid, rows.to(tl.int64), -1), axis=0)
+            last_valid = tl.maximum(last_valid, block_last)
+        has_last = last_valid >= 0
+        last_row = tl.where(has_last, last_valid, 0)
+        last_omc = tl.load(terms_ptr + last_row * 3 + 0, mask=has_last, other=0.0)
+        last_ang = tl.load(terms_ptr + last_row * 3 + 1, mask=has_last, other=0.0)
+        one = tl.arange(0, 1)
+        out = out_ptr + seq * 6 + one
+        tl.store(out + 0, count)
+        tl.store(out + 1, sum_omc)
+        tl.store(out + 2, sum_ang)
+        tl.store(out + 3, sum_rel)
+        tl.store(out + 4, tl.where(has_last, last_omc, 0.0))
+        tl.store(out + 5, tl.where(has_last, last_ang, 0.0))
+
+    _tuned_row_kernel = None
+
+    def _row_kernel_for_gpu():
+        """Autotuned stage 1, built on first GPU use: the autotuner needs a live driver to benchmark."""
+        global _tuned_row_kernel
+        if _tuned_row_kernel is None:
+            configs = [
+                triton.Config({"BLOCK_ROWS": rows}, num_warps=warps, num_stages=stages)
+                for rows in (1, 2, 4, 8)
+                for warps in (2, 4, 8)
+                for stages in (2, 3)
+            ]
+            _tuned_row_kernel = triton.autotune(configs=configs, key=["hidden", "in_col_stride", "out_col_stride"])(
+                _bi_row_terms_kernel
+            )
+        return _tuned_row_kernel
+
+
+def not_supported_reasons(inputs: BIReduceInputs) -> list:
+    if _TRITON_PROBLEM is not None:
+        return [_TRITON_PROBLEM]
+    device = inputs.x_in.device
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        return []
+    return [f"not a CUDA tensor (inputs are on {device}); set TRITON_INTERPRET=1 to run it on CPU tensors"]
+
+
+def run(inputs: BIReduceInputs, autotune: bool | None = None) -> torch.Tensor:
+    if _TRITON_PROBLEM is not None:
+        raise RuntimeError(_TRITON_PROBLEM)
+    x_in, x_out = inputs.x_in, inputs.x_out
+    tokens, hidden = x_in.shape
+    device = x_in.device
+    mask = inputs.mask.contiguous()
+    offsets = seq_offsets(inputs.seq_index, inputs.num_seqs).contiguous()
+    terms = torch.empty(max(tokens, 1), 3, dtype=torch.float64, device=device)
+    out = torch.empty(inputs.num_seqs, NUM_STATS, dtype=torch.float64, device=device)
+    strides = (x_in.stride(0), x_in.stride(1), x_out.stride(0), x_out.stride(1))
+    if autotune is None:
+        autotune = device.type == "cuda" and not _interpreting()
+    if tokens > 0:
+        if autotune:
+            kernel = _row_kernel_for_gpu()
+            grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_ROWS"]),)  # noqa: E731
+            kernel[grid](x_in, x_out, mask, terms, tokens, hidden, *strides, EPS_=EPS, LANES_=LANES, LOG2_LANES=LOG2_LANES)
+        else:
+            grid = (triton.cdiv(tokens, DEFAULT_BLOCK_ROWS),)
+            _bi_row_terms_kernel[grid](
+                x_in, x_out, mask, terms, tokens, hidden, *strides,
+                EPS_=EPS, BLOCK_ROWS=DEFAULT_BLOCK_ROWS, LANES_=LANES, LOG2_LANES=LOG2_LANES,
+            )
+    _bi_seq_reduce_kernel[(inputs.num_seqs,)](terms, mask, offsets, out, SEQ_BLOCK_=SEQ_BLOCK, LOG2_SEQ_BLOCK=LOG2_SEQ_BLOCK)
+    return out
+
+
+register_backend(Backend("triton", run, not_supported_reasons), prefer=True)

@@ -1,0 +1,78 @@
+"""Launcher for the fused C++ BI reduction (csrc/bi_reduce.cpp); registers the "cpp" backend.
+
+The extension is optional: when `shortgpt_fast._C` is missing or stale, this module still imports, and the
+backend reports why in `not_supported_reasons`, so forcing it with SHORTGPT_FAST_BACKEND=cpp shows how to fix it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .bi_reduce import NUM_STATS, Backend, BIReduceInputs, _validate, register_backend, seq_offsets
+
+# Must match sgf::DType in csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+try:
+    from shortgpt_fast import _C
+
+    _EXTENSION_PROBLEM: Optional[str] = None
+    if not hasattr(_C, "bi_reduce_cpu"):
+        _EXTENSION_PROBLEM = (
+            "shortgpt_fast._C was built without bi_reduce_cpu; rebuild it with `pip install -e . --no-build-isolation`"
+        )
+except ImportError as exc:
+    _C = None
+    _EXTENSION_PROBLEM = (
+        f"the C++ extension shortgpt_fast._C could not be imported ({exc}); build it with "
+        "`pip install -e . --no-build-isolation` (needs a C++17 compiler with OpenMP)"
+    )
+
+
+def _unit_inner_stride(t: torch.Tensor) -> bool:
+    return t.shape[1] <= 1 or t.stride(1) == 1
+
+
+def not_supported_reasons(inputs: BIReduceInputs) -> list:
+    reasons = []
+    if _EXTENSION_PROBLEM is not None:
+        reasons.append(_EXTENSION_PROBLEM)
+    if inputs.x_in.device.type != "cpu":
+        reasons.append(f"not a CPU tensor (inputs are on {inputs.x_in.device})")
+    if not (_unit_inner_stride(inputs.x_in) and _unit_inner_stride(inputs.x_out)):
+        reasons.append("the hidden dimension is not contiguous (inner stride != 1); call .contiguous() first")
+    return reasons
+
+
+def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "auto") -> torch.Tensor:
+    """Run the C++ kernel; num_threads defaults to torch.get_num_threads(), isa to the best this CPU runs."""
+    if _EXTENSION_PROBLEM is not None:
+        raise RuntimeError(_EXTENSION_PROBLEM)
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    x_in, x_out = inputs.x_in, inputs.x_out
+    tokens, hidden = x_in.shape
+    offsets = seq_offsets(inputs.seq_index, inputs.num_seqs).contiguous()
+    mask = inputs.mask.contiguous()  # torch.bool is one byte per element, read as uint8
+    out = torch.empty(inputs.num_seqs, NUM_STATS, dtype=torch.float64)
+    _C.bi_reduce_cpu(
+        x_in.data_ptr(), x_in.stride(0), x_out.data_ptr(), x_out.stride(0), DTYPE_CODES[x_in.dtype],
+        tokens, hidden, mask.data_ptr(), offsets.data_ptr(), inputs.num_seqs, out.data_ptr(), threads, isa,
+    )
+    return out
+
+
+def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_threads=None, isa="auto"):
+    """bi_reduce forced onto the C++ kernel with an explicit thread count and ISA build (tests, benchmarks)."""
+    inputs = _validate(x_in, x_out, mask, seq_index, num_seqs)
+    reasons = not_supported_reasons(inputs)
+    if reasons:
+        raise RuntimeError("cpp backend cannot run these inputs: " + "; ".join(reasons))
+    return run(inputs, num_threads=num_threads, isa=isa)
+
+
+def available_isas() -> list:
+    return list(_C.bi_reduce_isas()) if _EXTENSION_PROBLEM is None else []
+
+
+register_backend(Backend("cpp", run, not_supported_reasons), prefer=True)
