@@ -390,7 +390,7 @@ py::dict header_to_python(const ParsedHeader& h) {
 
 void register_safetensors_surgery(py::module_& m) {
     using namespace sgf;
-    static py::exception<SafetensorsFormatError> format_error(m, "SafetensorsFormatError", PyExc_ValueError);
+    py::register_exception<SafetensorsFormatError>(m, "SafetensorsFormatError", PyExc_ValueError);
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
