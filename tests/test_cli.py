@@ -1,0 +1,130 @@
+"""The command line: score, prune, demo, and one-line errors for bad input with nothing half-written left behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from shortgpt_fast.cli import main
+from shortgpt_fast.models.loading import resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved in two shards: real text, fast model."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=40, intermediate_size=72, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    model.save_pretrained(path, max_shard_size="1MB")
+    tokenizer.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_score_then_prune_from_report(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "scores" / "report.json"
+    rc, out, err = run_cli(capsys, "score", tiny_checkpoint, "--samples", 4, "--seq-len", 32, "--quiet",
+                           "--out", report)
+    assert rc == 0, err
+    data = json.loads(report.read_text())
+    assert data["num_layers"] == 6 and data["tokens"] == 4 * 32
+    assert data["calibration"]["mode"] == "packed" and data["calibration"]["seed"] == 0
+    assert report.with_suffix(".png").stat().st_size > 0
+
+    out_dir = tmp_path / "pruned"
+    rc, out, err = run_cli(capsys, "prune", tiny_checkpoint, out_dir, "--report", report, "--remove", 2)
+    assert rc == 0, err
+    expected = sorted(data["ranking"]["bi"][:2])
+    written = json.loads((out_dir / "report.json").read_text())
+    assert written["removed"] == expected
+    assert len(written["index_map"]) == 4
+    card = (out_dir / "README.md").read_text()
+    assert ", ".join(map(str, expected)) in card
+    model, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
+    assert model.config.num_hidden_layers == 4 and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_prune_scores_and_writes_report_with_plot(tiny_checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "pruned"
+    rc, out, err = run_cli(capsys, "prune", tiny_checkpoint, out_dir, "--ratio", 0.34, "--samples", 3,
+                           "--seq-len", 24, "--quiet", "--padding", "left")
+    assert rc == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert len(report["removed"]) == 2 and report["calibration"]["mode"] == "padded-left"
+    assert report["tokens"] < 3 * 24  # padding is not counted
+    assert (out_dir / "report.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "/nonexistent/model/dir", "--out", "r.json"], "does not exist"),
+    (["prune", "{ckpt}", "{out}", "--remove", "6"], "impossible"),
+    (["prune", "{ckpt}", "{out}", "--remove", "0"], "impossible"),
+    (["prune", "{ckpt}", "{out}", "--layers", "1,1"], "repeat"),
+    (["prune", "{ckpt}", "{out}", "--layers", "2,9"], "out of range"),
+    (["prune", "{ckpt}", "{out}", "--layers", "0,1,2,3,4,5"], "at least one layer"),
+    (["score", "{ckpt}", "--calib", "{empty}", "--out", "r.json"], "empty"),
+    (["score", "{ckpt}", "--calib", "{short}", "--out", "r.json"], "shorter than one sequence"),
+    (["score", "{notmodel}", "--out", "r.json"], "not a Hugging Face model folder"),
+    (["prune", "{ckpt}", "{out}", "--report", "/nonexistent/report.json", "--remove", "1"], "does not exist"),
+])
+def test_bad_input_gives_one_line_error(argv, message, tiny_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("   \n")
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    notmodel = tmp_path / "notmodel"
+    notmodel.mkdir()
+    out = tmp_path / "out"
+    argv = [a.format(ckpt=tiny_checkpoint, out=out, empty=empty, short=short, notmodel=notmodel) for a in argv]
+    rc, stdout, err = run_cli(capsys, *argv, *(["--quiet"] if argv[0] == "score" else []))
+    assert rc != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("shortgpt-fast: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not out.exists(), "a failed prune left OUT_DIR behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_model_without_block_stack_is_rejected():
+    from shortgpt_fast.models.architectures import ArchitectureError, find_block_stack
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ArchitectureError, match="cannot find a block stack"):
+        find_block_stack(Flat())
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's main job, on a small budget."""
+    out_dir = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shortgpt_fast", "demo", "--samples", "2", "--seq-len", "64", "--ppl-tokens", "128",
+         "--ppl-window", "64", "--quiet", "--out-dir", str(out_dir)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "perplexity" in proc.stdout and "prefill tokens/s" in proc.stdout
+    summary = json.loads((out_dir / "demo_summary.json").read_text())
+    assert len(summary["removed"]) == 8  # 25% of 30 layers, rounded
+    assert summary["pruned"]["params"] < summary["dense"]["params"]
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["num_hidden_layers"] == 22
