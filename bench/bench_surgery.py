@@ -126,12 +126,15 @@ def _run_python(method: str, src: Path, dst: Path, layers: list[int]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _run_cp(src: Path, dst: Path) -> dict:
+def _run_cp(src: Path, dst: Path, then_sync: bool = False) -> dict:
     # GNU time reports cp's own peak; getrusage(RUSAGE_CHILDREN) would count the pages a fork shares with this
     # (torch-importing) parent.
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", "cp", "-r", str(src), str(dst)], check=True,
                           capture_output=True, text=True)
+    if then_sync:
+        # The cut fsyncs what it writes before renaming it into place; `cp -r && sync` is the like-for-like ceiling.
+        subprocess.run(["sync"], check=True)
     seconds = time.perf_counter() - start
     peak = int(proc.stderr.strip().splitlines()[-1]) / 1024
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_imports_mb": 0.0, "peak_rss_growth_mb": peak}
@@ -156,7 +159,7 @@ def run(args) -> dict:
                                 args.kv_heads, args.shard_mb << 20)
     removed = list(range(args.layers - 1 - args.layers // 4, args.layers - 1))  # 25%, ShortGPT-style deep layers
     size = _dir_bytes(src)
-    methods = ["cp_r", "cut_copy", "cut_copy_readwrite", "cut_in_place"] + ([] if args.skip_naive else
+    methods = ["cp_r", "cp_r_sync", "cut_copy", "cut_copy_readwrite", "cut_in_place"] + ([] if args.skip_naive else
                                                                             ["load_delete_save"])
     results = {m: [] for m in methods}
     for rep in range(args.repeats):
@@ -165,8 +168,8 @@ def run(args) -> dict:
             if dst.exists():
                 shutil.rmtree(dst)
             _drop_from_cache(src)
-            if method == "cp_r":
-                r = _run_cp(src, dst)
+            if method in ("cp_r", "cp_r_sync"):
+                r = _run_cp(src, dst, then_sync=method == "cp_r_sync")
             elif method == "cut_in_place":
                 shutil.copytree(src, dst)  # the in-place cut edits this copy; the copy itself is not timed
                 _drop_from_cache(dst)
@@ -184,6 +187,10 @@ def run(args) -> dict:
         "cp_seconds_over_cut_copy_seconds": best["cp_r"]["seconds"] / best["cut_copy"]["seconds"],
         "cut_copy_throughput_vs_cp": (best["cut_copy"]["output_bytes"] / best["cut_copy"]["seconds"]) /
                                      (best["cp_r"]["output_bytes"] / best["cp_r"]["seconds"]),
+        "cp_sync_seconds_over_cut_copy_seconds": best["cp_r_sync"]["seconds"] / best["cut_copy"]["seconds"],
+        "cut_copy_throughput_vs_cp_sync": (best["cut_copy"]["output_bytes"] / best["cut_copy"]["seconds"]) /
+                                          (best["cp_r_sync"]["output_bytes"] / best["cp_r_sync"]["seconds"]),
+        "cp_sync_seconds_over_cut_in_place_seconds": best["cp_r_sync"]["seconds"] / best["cut_in_place"]["seconds"],
     }
     if "load_delete_save" in best:
         ratios["load_save_over_cut_in_place"] = best["load_delete_save"]["seconds"] / best["cut_in_place"]["seconds"]
