@@ -52,26 +52,26 @@ struct RowJob {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace isa_avx512 {
-#define BI_ROWS_HAVE_F16C 1
+#define BI_ROWS_AVX2 1
 #include "bi_reduce_rows.h"
-#undef BI_ROWS_HAVE_F16C
+#undef BI_ROWS_AVX2
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace isa_avx2 {
-#define BI_ROWS_HAVE_F16C 1
+#define BI_ROWS_AVX2 1
 #include "bi_reduce_rows.h"
-#undef BI_ROWS_HAVE_F16C
+#undef BI_ROWS_AVX2
 }  // namespace isa_avx2
 #pragma GCC pop_options
 #endif
 
 namespace isa_generic {
-#define BI_ROWS_HAVE_F16C 0
+#define BI_ROWS_AVX2 0
 #include "bi_reduce_rows.h"
-#undef BI_ROWS_HAVE_F16C
+#undef BI_ROWS_AVX2
 }  // namespace isa_generic
 
 using RowsFn = void (*)(const RowJob&, int64_t, int64_t, RowSums*);

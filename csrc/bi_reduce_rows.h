@@ -4,18 +4,16 @@
 // hidden size: AVX-512 and AVX2 builds give the same bits, and the thread count never enters.
 //
 // Deliberately no include guard: each inclusion is a separate ISA build.
-// Expected from the includer: <cstring>, <cstdint>, <immintrin.h>, and BI_ROWS_HAVE_F16C (0 or 1).
+// Expected from the includer: <cstring>, <cstdint>, <immintrin.h>, and BI_ROWS_AVX2 (1 where AVX2 and F16C
+// intrinsics may be used).
 
 typedef float Vec16 __attribute__((vector_size(64)));
 typedef uint16_t Half16 __attribute__((vector_size(32)));
 typedef uint32_t Word16 __attribute__((vector_size(64)));
 
 constexpr int kLanes = 16;
-// 8 vectors per block keep each lane's serial chain short; blocks are then merged pairwise (a cascade),
-// which keeps the fp32 error of an 8192-wide row close to that of torch's own cascaded sum.
 constexpr int kBlockVectors = 8;
 constexpr int64_t kBlockElems = int64_t(kLanes) * kBlockVectors;
-constexpr int kMaxLevels = 64;
 
 struct Partial {
     Vec16 dot, sq_in, sq_out, sq_diff;
@@ -42,7 +40,7 @@ static inline __attribute__((always_inline)) float bf16_bits_to_float(uint16_t b
 }
 
 static inline __attribute__((always_inline)) float fp16_bits_to_float(uint16_t bits) {
-#if BI_ROWS_HAVE_F16C
+#if BI_ROWS_AVX2
     return _cvtsh_ss(bits);
 #else
     // Bit-exact IEEE half -> single without F16C, so the fallback build needs no libgcc soft-float helper.
@@ -79,14 +77,28 @@ static inline __attribute__((always_inline)) Vec16 load16(const char* p) {
         std::memcpy(&v, p, sizeof(v));
         return v;
     } else if constexpr (DT == sgf::kBFloat16) {
+#if BI_ROWS_AVX2
+        // Interleaving zero words below each bf16 is the fp32 value, at one shuffle per 8 values (zero-extend
+        // plus shift costs two). The lanes come out permuted (0-3, 8-11 | 4-7, 12-15), identically for x_in
+        // and x_out, so every lane still pairs matching elements; the permutation is part of the fixed tree.
+        __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        __m256i zero = _mm256_setzero_si256();
+        __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+        __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+        Vec16 v;
+        std::memcpy(&v, &lo, 32);
+        std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+        return v;
+#else
         Half16 raw;
         std::memcpy(&raw, p, sizeof(raw));
         Word16 widened = __builtin_convertvector(raw, Word16) << 16;
         Vec16 v;
         std::memcpy(&v, &widened, sizeof(v));
         return v;
+#endif
     } else {
-#if BI_ROWS_HAVE_F16C
+#if BI_ROWS_AVX2
         // GCC lowers a vector _Float16 conversion to one vcvtph2ps per element; the intrinsic does 8 at once.
         __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
@@ -123,50 +135,53 @@ static inline __attribute__((always_inline)) float lane_sum(Vec16 v) {
     return s2[0] + s2[1];
 }
 
-// Binary-counter cascade: level k holds the sum of 2^k blocks, so every block passes through O(log n) adds.
-struct Cascade {
-    Partial level[kMaxLevels];
-    uint64_t occupied = 0;
+// Three fixed levels instead of one long chain per lane: vectors into a block (kBlockVectors), blocks into a
+// group (kGroupBlocks), groups into the row. Each lane's serial chains stay short, so the fp32 error of an
+// 8192-wide row stays close to that of torch's cascaded sum, and the tree depends on the hidden size only.
+// (A binary-counter cascade was tried first: its variable-depth merges cost more than the loads they guard.)
+constexpr int kGroupBlocks = 16;
 
-    inline __attribute__((always_inline)) void push(Partial block) {
-        int k = 0;
-        while (occupied & (uint64_t(1) << k)) {
-            add_into(block, level[k]);
-            occupied &= ~(uint64_t(1) << k);
-            ++k;
+template <int DT>
+static inline __attribute__((always_inline)) void block_into(Partial& group, const char* a, const char* b,
+                                                             int64_t vectors) {
+    constexpr int64_t elem_bytes = DT == sgf::kFloat32 ? 4 : 2;
+    Partial block = zero_partial();
+    if (vectors == kBlockVectors) {
+#pragma GCC unroll 8
+        for (int v = 0; v < kBlockVectors; ++v) {
+            accumulate_vector(block, load16<DT>(a + v * kLanes * elem_bytes), load16<DT>(b + v * kLanes * elem_bytes));
         }
-        level[k] = block;
-        occupied |= uint64_t(1) << k;
-    }
-
-    inline __attribute__((always_inline)) Partial total() const {
-        Partial sum = zero_partial();
-        for (int k = 0; k < kMaxLevels; ++k) {
-            if (occupied & (uint64_t(1) << k)) add_into(sum, level[k]);
+    } else {
+        for (int64_t v = 0; v < vectors; ++v) {
+            accumulate_vector(block, load16<DT>(a + v * kLanes * elem_bytes), load16<DT>(b + v * kLanes * elem_bytes));
         }
-        return sum;
     }
-};
+    add_into(group, block);
+}
 
 template <int DT>
 static RowSums row_sums(const char* a, const char* b, int64_t hidden) {
     constexpr int64_t elem_bytes = DT == sgf::kFloat32 ? 4 : 2;
-    Cascade cascade;
+    constexpr int64_t group_elems = kBlockElems * kGroupBlocks;
+    Partial row = zero_partial();
     int64_t start = 0;
-    for (; start + kBlockElems <= hidden; start += kBlockElems) {
-        Partial block = zero_partial();
-        const char* pa = a + start * elem_bytes;
-        const char* pb = b + start * elem_bytes;
-#pragma GCC unroll 8
-        for (int v = 0; v < kBlockVectors; ++v) {
-            accumulate_vector(block, load16<DT>(pa + v * kLanes * elem_bytes), load16<DT>(pb + v * kLanes * elem_bytes));
+    for (; start + group_elems <= hidden; start += group_elems) {
+        Partial group = zero_partial();
+        for (int blk = 0; blk < kGroupBlocks; ++blk) {
+            const int64_t offset = (start + blk * kBlockElems) * elem_bytes;
+            block_into<DT>(group, a + offset, b + offset, kBlockVectors);
         }
-        cascade.push(block);
+        add_into(row, group);
     }
     if (start < hidden) {
-        Partial block = zero_partial();
-        for (; start + kLanes <= hidden; start += kLanes) {
-            accumulate_vector(block, load16<DT>(a + start * elem_bytes), load16<DT>(b + start * elem_bytes));
+        Partial group = zero_partial();
+        for (; start + kLanes <= hidden; start += kBlockElems) {
+            const int64_t vectors = std::min<int64_t>(kBlockVectors, (hidden - start) / kLanes);
+            block_into<DT>(group, a + start * elem_bytes, b + start * elem_bytes, vectors);
+            if (vectors < kBlockVectors) {
+                start += vectors * kLanes;
+                break;
+            }
         }
         if (start < hidden) {
             // Zero padding adds exactly nothing to any of the four sums.
@@ -174,12 +189,11 @@ static RowSums row_sums(const char* a, const char* b, int64_t hidden) {
             alignas(64) char tail_b[kLanes * elem_bytes] = {};
             std::memcpy(tail_a, a + start * elem_bytes, (hidden - start) * elem_bytes);
             std::memcpy(tail_b, b + start * elem_bytes, (hidden - start) * elem_bytes);
-            accumulate_vector(block, load16<DT>(tail_a), load16<DT>(tail_b));
+            block_into<DT>(group, tail_a, tail_b, 1);
         }
-        cascade.push(block);
+        add_into(row, group);
     }
-    Partial sum = cascade.total();
-    return RowSums{lane_sum(sum.dot), lane_sum(sum.sq_in), lane_sum(sum.sq_out), lane_sum(sum.sq_diff)};
+    return RowSums{lane_sum(row.dot), lane_sum(row.sq_in), lane_sum(row.sq_out), lane_sum(row.sq_diff)};
 }
 
 static void rows_to_sums(const RowJob& job, int64_t row_begin, int64_t row_end, RowSums* sums) {

@@ -45,8 +45,12 @@ def not_supported_reasons(inputs: BIReduceInputs) -> list:
     return reasons
 
 
-def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "auto") -> torch.Tensor:
-    """Run the C++ kernel; num_threads defaults to torch.get_num_threads(), isa to the best this CPU runs."""
+def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "auto",
+        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run the C++ kernel; num_threads defaults to torch.get_num_threads(), isa to the best this CPU runs.
+
+    out: optional float64 [num_seqs, 6] CPU buffer, every entry of which is overwritten.
+    """
     if _EXTENSION_PROBLEM is not None:
         raise RuntimeError(_EXTENSION_PROBLEM)
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
@@ -54,7 +58,11 @@ def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "a
     tokens, hidden = x_in.shape
     offsets = seq_offsets(inputs.seq_index, inputs.num_seqs).contiguous()
     mask = inputs.mask.contiguous()  # torch.bool is one byte per element, read as uint8
-    out = torch.empty(inputs.num_seqs, NUM_STATS, dtype=torch.float64)
+    if out is None:
+        out = torch.empty(inputs.num_seqs, NUM_STATS, dtype=torch.float64)
+    elif (out.shape != (inputs.num_seqs, NUM_STATS) or out.dtype != torch.float64 or not out.is_contiguous()
+          or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous float64 CPU tensor of shape [{inputs.num_seqs}, {NUM_STATS}]")
     _C.bi_reduce_cpu(
         x_in.data_ptr(), x_in.stride(0), x_out.data_ptr(), x_out.stride(0), DTYPE_CODES[x_in.dtype],
         tokens, hidden, mask.data_ptr(), offsets.data_ptr(), inputs.num_seqs, out.data_ptr(), threads, isa,
@@ -62,13 +70,13 @@ def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "a
     return out
 
 
-def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_threads=None, isa="auto"):
+def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_threads=None, isa="auto", out=None):
     """bi_reduce forced onto the C++ kernel with an explicit thread count and ISA build (tests, benchmarks)."""
     inputs = _validate(x_in, x_out, mask, seq_index, num_seqs)
     reasons = not_supported_reasons(inputs)
     if reasons:
         raise RuntimeError("cpp backend cannot run these inputs: " + "; ".join(reasons))
-    return run(inputs, num_threads=num_threads, isa=isa)
+    return run(inputs, num_threads=num_threads, isa=isa, out=out)
 
 
 def available_isas() -> list:
