@@ -54,9 +54,8 @@ if triton is not None:
     @triton.jit
     def _acos_f64(x):
         # fdlibm's rational approximation of acos, in float64: libdevice has acos, but the interpreter does not.
-        pio2_hi = 1.57079632679489655800e00
-        pio2_lo = 6.12323399573676603587e-17
-        pi = 3.14159265358979311600e00
+        # The constants stay literals inside the expressions: a literal takes the fp64 type of the tensor it
+        # meets, whereas one bound to a local name first becomes an fp32 scalar and loses half its digits.
         small = tl.abs(x) < 0.5
         z = tl.where(small, x * x, tl.where(x < 0.0, (1.0 + x) * 0.5, (1.0 - x) * 0.5))
         p = z * (1.66666666666666657415e-01 + z * (-3.25565818622400915405e-01 + z * (
@@ -66,8 +65,8 @@ if triton is not None:
             -6.88283971605453293030e-01 + z * 7.70381505559019352791e-02)))
         r = p / q
         s = tl.sqrt(z)
-        near_zero = pio2_hi - (x - (pio2_lo - x * r))
-        near_minus_one = pi - 2.0 * (s + (r * s - pio2_lo))
+        near_zero = 1.57079632679489655800e00 - (x - (6.12323399573676603587e-17 - x * r))  # pi/2 split hi + lo
+        near_minus_one = 3.14159265358979311600e00 - 2.0 * (s + (r * s - 6.12323399573676603587e-17))
         near_one = 2.0 * (s + r * s)
         return tl.where(small, near_zero, tl.where(x < 0.0, near_minus_one, near_one))
 
