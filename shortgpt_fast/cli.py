@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_cut_subcommand = None
     if add_cut_subcommand is not None:
         add_cut_subcommand(sub)
+
+    from .evaluation.run import add_eval_subcommand
+
+    add_eval_subcommand(sub)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""Loaders that lm-eval calls (`custom_dataset`) to read the shipped task YAMLs' data from local files.
+
+lm-eval calls them with the task's `metadata` and `dataset_kwargs` merged; shortgpt_fast puts the data folder in
+the metadata as `data_dir`, so the YAMLs only name paths relative to it and nothing is fixed at install time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+class TaskDataError(ValueError):
+    pass
+
+
+def _resolve(data_dir: Optional[str], relative: str) -> Path:
+    path = Path(relative)
+    if not path.is_absolute():
+        if not data_dir:
+            raise TaskDataError(f"no data folder to find {relative} in; set $SHORTGPT_FAST_DATA or pass --data-dir")
+        path = Path(data_dir) / path
+    if not path.is_file():
+        raise TaskDataError(f"task data file {path} does not exist")
+    return path
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskDataError(f"{path}:{line_no} is not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{path}:{line_no} is not a JSON object")
+            missing = [key for key in required if key not in row]
+            if missing:
+                raise TaskDataError(f"{path}:{line_no} has no field {', '.join(map(repr, missing))}; "
+                                    f"each line needs {', '.join(required)}")
+            rows.append(row)
+    if not rows:
+        raise TaskDataError(f"{path} holds no examples")
+    return rows
+
+
+def _dataset(split: str, rows: list[dict]):
+    import datasets
+
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+
+
+def load_piqa(data_files: dict, data_dir: Optional[str] = None, **_metadata):
+    """PIQA as released: goal/sol1/sol2 lines plus a separate file of 0/1 labels, one per line."""
+    questions = _read_jsonl(_resolve(data_dir, data_files["validation"]), ("goal", "sol1", "sol2"))
+    labels_path = _resolve(data_dir, data_files["labels"])
+    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) != len(questions):
+        raise TaskDataError(f"{labels_path} has {len(labels)} labels for {len(questions)} PIQA questions")
+    for line_no, label in enumerate(labels, 1):
+        if label not in ("0", "1"):
+            raise TaskDataError(f"{labels_path}:{line_no} is {label!r}; PIQA labels are 0 or 1")
+    rows = [{"goal": q["goal"], "sol1": q["sol1"], "sol2": q["sol2"], "label": int(label)}
+            for q, label in zip(questions, labels)]
+    return _dataset("validation", rows)
+
+
+def load_multiple_choice_jsonl(data_files: dict, data_dir: Optional[str] = None, **_metadata):
+    """One question per line: {"query": str, "choices": [str, ...], "gold": index of the right choice}."""
+    (split, relative), = data_files.items()
+    path = _resolve(data_dir, relative)
+    rows = _read_jsonl(path, ("query", "choices", "gold"))
+    for line_no, row in enumerate(rows, 1):
+        choices, gold = row["choices"], row["gold"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise TaskDataError(f"{path} example {line_no}: 'choices' must be a list of at least 2 strings")
+        if not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise TaskDataError(f"{path} example {line_no}: 'gold' must be an index into its {len(choices)} choices")
+    return _dataset(split, [{"query": r["query"], "choices": r["choices"], "gold": r["gold"]} for r in rows])
