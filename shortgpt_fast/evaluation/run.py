@@ -411,6 +411,13 @@ def cmd_eval(args) -> int:
     from ..api import load
 
     kwargs = evaluate_kwargs_from_args(args)
+    if kwargs["ppl"] in PPL_SOURCES or any(task in LOCAL_TASKS for task in kwargs["tasks"]):
+        resolve_data_dir(args.data_dir)  # fail before spending time on loading models
+    from .tasks.local_data import load_multiple_choice_jsonl
+
+    for task in kwargs["tasks"]:
+        if task.endswith(".jsonl"):
+            load_multiple_choice_jsonl({"test": task})  # a schema error surfaces now, not after the model loads
     if args.quiet:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     models = ([("original", args.compare_to), ("pruned", args.model)] if args.compare_to
