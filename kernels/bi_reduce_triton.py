@@ -3,8 +3,9 @@
 Stage 1 (`_bi_row_terms_kernel`): one program per block of rows reads each row of x_in and x_out once, keeps
 fp32 lane accumulators, folds them with a fixed halving tree, and writes the float64 per-row terms
 (1 - cos, angular, relative magnitude). Stage 2 (`_bi_seq_reduce_kernel`): one program per sequence walks its
-rows block by block, in order, and accumulates in float64. No float atomics, and both trees are fixed by
-constants rather than by the launch configuration, so the bits do not depend on autotuning.
+rows block by block, in order, and accumulates in float64. No float atomics. Stage 1's tree is fixed by
+constants whatever configuration autotuning picks, and stage 2 always launches with one fixed configuration,
+so the bits do not depend on autotuning.
 
 Importing this module never fails for want of Triton or a GPU: the backend then lists the reason instead.
 """
@@ -26,12 +27,13 @@ except ImportError as exc:  # the op still works through the other backends
     tl = None
     _TRITON_PROBLEM = f"triton is not installed ({exc}); `pip install triton` on a CUDA machine"
 
-# Lanes per row in stage 1 and rows per step in stage 2. Part of the numerics (they fix the summation trees),
-# so they are constants, never tuned.
-LANES = 256  # powers of two: the halving trees need them
-SEQ_BLOCK = 256
+# Lanes per row in stage 1, and the whole stage-2 configuration: part of the numerics (they fix the summation
+# trees), so they are constants, never tuned.
+LANES = 256  # a power of two: the halving tree needs it
 LOG2_LANES = LANES.bit_length() - 1
-LOG2_SEQ_BLOCK = SEQ_BLOCK.bit_length() - 1
+# Large steps: one program walks a whole sequence, so its serial step count is what stage 2 costs.
+SEQ_BLOCK = 1024
+SEQ_WARPS = 4
 # Rows per stage-1 program when nothing is tuned (interpreter, or a GPU without autotuning).
 DEFAULT_BLOCK_ROWS = 8
 
@@ -118,8 +120,7 @@ if triton is not None:
         tl.store(base + 2, rel_magnitude, mask=in_range)
 
     @triton.jit
-    def _bi_seq_reduce_kernel(terms_ptr, mask_ptr, offsets_ptr, out_ptr, SEQ_BLOCK_: tl.constexpr,
-                              LOG2_SEQ_BLOCK: tl.constexpr):
+    def _bi_seq_reduce_kernel(terms_ptr, mask_ptr, offsets_ptr, out_ptr, SEQ_BLOCK_: tl.constexpr):
         seq = tl.program_id(0)
         first = tl.load(offsets_ptr + seq)
         end = tl.load(offsets_ptr + seq + 1)
@@ -137,10 +138,12 @@ if triton is not None:
             omc = tl.where(valid, tl.load(base + 0, mask=valid, other=0.0), 0.0)
             ang = tl.where(valid, tl.load(base + 1, mask=valid, other=0.0), 0.0)
             rel = tl.where(valid, tl.load(base + 2, mask=valid, other=0.0), 0.0)
-            count += _row_total(tl.reshape(valid.to(tl.float64), [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
-            sum_omc += _row_total(tl.reshape(omc, [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
-            sum_ang += _row_total(tl.reshape(ang, [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
-            sum_rel += _row_total(tl.reshape(rel, [1, SEQ_BLOCK_]), LOG2_SEQ_BLOCK)
+            # tl.sum's tree follows the layout, which is fixed here: stage 2 always runs SEQ_BLOCK rows
+            # per step on SEQ_WARPS warps, never tuned.
+            count += tl.sum(valid.to(tl.float64), axis=0)
+            sum_omc += tl.sum(omc, axis=0)
+            sum_ang += tl.sum(ang, axis=0)
+            sum_rel += tl.sum(rel, axis=0)
             block_last = tl.max(tl.where(valid, rows.to(tl.int64), -1), axis=0)
             last_valid = tl.maximum(last_valid, block_last)
         has_last = last_valid >= 0
@@ -218,7 +221,7 @@ def run(inputs: BIReduceInputs, autotune: bool | None = None, out: torch.Tensor 
                 x_in, x_out, mask, terms, tokens, hidden, *strides,
                 EPS_=EPS, BLOCK_ROWS=DEFAULT_BLOCK_ROWS, LANES_=LANES, LOG2_LANES=LOG2_LANES,
             )
-    _bi_seq_reduce_kernel[(inputs.num_seqs,)](terms, mask, offsets, out, SEQ_BLOCK_=SEQ_BLOCK, LOG2_SEQ_BLOCK=LOG2_SEQ_BLOCK)
+    _bi_seq_reduce_kernel[(inputs.num_seqs,)](terms, mask, offsets, out, SEQ_BLOCK_=SEQ_BLOCK, num_warps=SEQ_WARPS)
     return out
 
 

@@ -277,8 +277,8 @@ row_sig = {"x_in_ptr": "*bf16", "x_out_ptr": "*bf16", "mask_ptr": "*i1", "terms_
            "LOG2_LANES": "constexpr"}
 row_consts = {"EPS_": 1e-12, "BLOCK_ROWS": 4, "LANES_": tri.LANES, "LOG2_LANES": tri.LOG2_LANES}
 seq_sig = {"terms_ptr": "*fp64", "mask_ptr": "*i1", "offsets_ptr": "*i64", "out_ptr": "*fp64",
-           "SEQ_BLOCK_": "constexpr", "LOG2_SEQ_BLOCK": "constexpr"}
-seq_consts = {"SEQ_BLOCK_": tri.SEQ_BLOCK, "LOG2_SEQ_BLOCK": tri.LOG2_SEQ_BLOCK}
+           "SEQ_BLOCK_": "constexpr"}
+seq_consts = {"SEQ_BLOCK_": tri.SEQ_BLOCK}
 for fn, sig, consts in ((tri._bi_row_terms_kernel, row_sig, row_consts),
                         (tri._bi_seq_reduce_kernel, seq_sig, seq_consts)):
     ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
