@@ -32,15 +32,31 @@ def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu")
     group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--streamed", action="store_const", const=True, default=None,
+                       help="score one block at a time from the checkpoint's shards (models larger than memory); "
+                            "chosen automatically when the model would not fit")
 
 
 def _score_from_args(args, model=None, tokenizer=None):
     from .api import score
 
     target = model if model is not None else args.model
+    device = args.device
+    from .scoring.distributed import init_from_environment, launched_by_torchrun
+
+    if launched_by_torchrun():
+        device = init_from_environment(device)
+    streamed = getattr(args, "streamed", None) if model is None else None
     return score(target, args.calib, tokenizer=tokenizer, samples=args.samples, seq_len=args.seq_len,
                  batch_size=args.batch_size, seed=args.seed, padding=args.padding, angular_span=args.angular_span,
-                 device=args.device, dtype=args.dtype, text_field=args.text_field, progress=not args.quiet)
+                 device=device, dtype=args.dtype, text_field=args.text_field, progress=not args.quiet,
+                 streamed=streamed)
+
+
+def _is_main_process() -> bool:
+    from .scoring.distributed import is_main_process
+
+    return is_main_process()
 
 
 def _write_report(scores, report_path: Path, removed=None) -> None:
@@ -53,6 +69,8 @@ def _write_report(scores, report_path: Path, removed=None) -> None:
 
 def cmd_score(args) -> int:
     scores = _score_from_args(args)
+    if not _is_main_process():
+        return 0  # every rank holds the gathered scores; one writes them
     out = Path(args.out)
     _write_report(scores, out)
     print(format_layer_table(scores))
@@ -200,6 +218,8 @@ def cmd_prune(args) -> int:
         scores = _score_from_args(args)
         layers = _select_layers(args, scores.num_layers, scores=scores)
         metric = args.metric
+    if not _is_main_process():
+        return 0
     result = prune_to_dir(args.model, out_dir, layers, metric, scores=scores, report=report)
     print(f"removed layers {sorted(layers)} by {metric}; wrote {out_dir} ({result['engine']})")
     return 0

@@ -57,6 +57,82 @@ def _forward_kwargs(model: nn.Module, input_ids, attention_mask, needs_positions
     return kwargs
 
 
+@dataclass
+class BatchLayout:
+    """Where one calibration batch sits in the accumulators, and which of its rows are real tokens."""
+
+    rows: torch.Tensor  # [batch] global sequence indices
+    mask: torch.Tensor  # [batch * seq_len] bool, flattened 2D attention mask
+    seq_index: torch.Tensor  # [batch * seq_len] row -> sequence within the batch
+    batch_index: torch.Tensor  # [batch]
+    last_pos: torch.Tensor  # [batch] position of the last real token
+
+    @property
+    def batch(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def batch_layout(mask2d: torch.Tensor, start: int, device) -> BatchLayout:
+    mask2d = mask2d.to(device)
+    batch, seq_len = mask2d.shape
+    positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    return BatchLayout(
+        rows=torch.arange(start, start + batch, device=device),
+        mask=mask2d.reshape(-1).bool(),
+        seq_index=torch.arange(batch, device=device).repeat_interleave(seq_len),
+        batch_index=torch.arange(batch, device=device),
+        # Last real token: the highest position whose mask is set (works for left and right padding).
+        last_pos=torch.where(mask2d.bool(), positions, -1).amax(dim=1).clamp(min=0),
+    )
+
+
+class LayerAccumulator:
+    """Per-sequence metric sums on the device; in-memory and streamed scoring both feed blocks through `add`.
+
+    Sharing this is what makes the two paths give the same numbers: same reduction, same slots, same span states.
+    """
+
+    def __init__(self, num_layers: int, num_seqs: int, angular_span: int, device):
+        self.num_layers = num_layers
+        self.num_seqs = num_seqs
+        self.device = device
+        self.acc = torch.zeros(num_layers, num_seqs, NUM_STATS, dtype=torch.float64, device=device)
+        self.max_span = max(0, min(angular_span, num_layers))
+        # Last-token states at every layer boundary, for the Gromov et al. distance between layer ℓ and ℓ+n.
+        # Allocated on the first block, when the hidden size is known from the activations themselves.
+        self.boundary: Optional[torch.Tensor] = None
+
+    def add(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor, layout: BatchLayout) -> None:
+        batch, tokens, hidden = hidden_out.shape
+        flat_in = hidden_in.reshape(batch * tokens, hidden)
+        flat_out = hidden_out.reshape(batch * tokens, hidden)
+        self.acc[layer, layout.rows] = bi_reduce(flat_in, flat_out, layout.mask, layout.seq_index, batch)
+        if self.max_span == 0:
+            return
+        if self.boundary is None:
+            self.boundary = torch.zeros(self.num_layers + 1, self.num_seqs, hidden, dtype=torch.float32,
+                                        device=self.device)
+        if layer == 0:
+            self.boundary[0, layout.rows] = hidden_in[layout.batch_index, layout.last_pos].float()
+        self.boundary[layer + 1, layout.rows] = hidden_out[layout.batch_index, layout.last_pos].float()
+
+    def finish(self, block_path: str, started: float) -> LayerStats:
+        span = {}
+        if self.boundary is not None:
+            seq_index = torch.arange(self.num_seqs, device=self.device)
+            for n in range(1, self.max_span + 1):
+                span[n] = torch.stack([
+                    bi_reduce(self.boundary[start], self.boundary[start + n], None, seq_index, self.num_seqs)[:, 2]
+                    for start in range(self.num_layers - n + 1)
+                ])
+        acc = self.acc.cpu()  # the one host sync of scoring
+        span = {n: v.cpu() for n, v in span.items()}
+        _raise_on_non_finite(acc)
+        if float(acc[0, :, 0].sum()) == 0:
+            raise ScoringError("no calibration token was unmasked; check the attention mask")
+        return LayerStats(acc, span, block_path, time.perf_counter() - started)
+
+
 @torch.no_grad()
 def collect_layer_stats(
     model: nn.Module,
@@ -75,11 +151,7 @@ def collect_layer_stats(
     num_layers = len(blocks)
     device = next(model.parameters()).device
     num_seqs = calib.num_sequences
-    seq_len = calib.input_ids.shape[1]
-    acc = torch.zeros(num_layers, num_seqs, NUM_STATS, dtype=torch.float64, device=device)
-    max_span = max(0, min(angular_span, num_layers))
-    # Last-token states at every layer boundary, for the Gromov et al. distance between layer ℓ and ℓ+n.
-    boundary = None
+    accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
     needs_positions = bool((calib.attention_mask == 0).any())
 
     state: dict = {}
@@ -87,15 +159,7 @@ def collect_layer_stats(
     def make_hook(layer: int):
         def hook(module, args, kwargs, output):
             hidden_in, hidden_out = _block_io(args, kwargs, output)
-            batch, tokens, hidden = hidden_out.shape
-            flat_in = hidden_in.reshape(batch * tokens, hidden)
-            flat_out = hidden_out.reshape(batch * tokens, hidden)
-            sums = bi_reduce(flat_in, flat_out, state["mask"], state["seq_index"], batch)
-            acc[layer, state["rows"]] = sums
-            if boundary is not None:
-                if layer == 0:
-                    boundary[0, state["rows"]] = hidden_in[state["batch_index"], state["last_pos"]].float()
-                boundary[layer + 1, state["rows"]] = hidden_out[state["batch_index"], state["last_pos"]].float()
+            accumulator.add(layer, hidden_in, hidden_out, state["layout"])
             if layer == num_layers - 1:
                 raise _StopAfterLastBlock
             return None
@@ -110,17 +174,7 @@ def collect_layer_stats(
             stop = min(start + batch_size, num_seqs)
             ids = calib.input_ids[start:stop].to(device)
             mask2d = calib.attention_mask[start:stop].to(device)
-            batch = stop - start
-            state["rows"] = torch.arange(start, stop, device=device)
-            state["mask"] = mask2d.reshape(-1).bool()
-            state["seq_index"] = torch.arange(batch, device=device).repeat_interleave(seq_len)
-            state["batch_index"] = torch.arange(batch, device=device)
-            # Last real token: the highest position whose mask is set (works for left and right padding).
-            positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
-            state["last_pos"] = torch.where(mask2d.bool(), positions, -1).amax(dim=1).clamp(min=0)
-            if boundary is None and max_span > 0:
-                probe_hidden = _hidden_size(model, blocks)
-                boundary = torch.zeros(num_layers + 1, num_seqs, probe_hidden, dtype=torch.float32, device=device)
+            state["layout"] = batch_layout(mask2d, start, device)
             try:
                 model(**_forward_kwargs(model, ids, mask2d, needs_positions))
             except _StopAfterLastBlock:
@@ -131,30 +185,7 @@ def collect_layer_stats(
     finally:
         for handle in handles:
             handle.remove()
-
-    span = {}
-    if boundary is not None:
-        seq_index = torch.arange(num_seqs, device=device)
-        for n in range(1, max_span + 1):
-            span[n] = torch.stack([
-                bi_reduce(boundary[start], boundary[start + n], None, seq_index, num_seqs)[:, 2]
-                for start in range(num_layers - n + 1)
-            ])
-    acc = acc.cpu()  # the one host sync of scoring
-    span = {n: v.cpu() for n, v in span.items()}
-    _raise_on_non_finite(acc)
-    if float(acc[0, :, 0].sum()) == 0:
-        raise ScoringError("no calibration token was unmasked; check the attention mask")
-    return LayerStats(acc, span, stack.path, time.perf_counter() - started)
-
-
-def _hidden_size(model, blocks) -> int:
-    config = getattr(model, "config", None)
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise ScoringError("cannot tell the model's hidden size from its config; pass angular_span=0")
+    return accumulator.finish(stack.path, started)
 
 
 def _raise_on_non_finite(acc: torch.Tensor) -> None:

@@ -1,0 +1,459 @@
+"""Streamed scoring: one block in memory at a time, for models larger than the device or the host.
+
+Scoring needs only the unpruned model's block inputs and outputs, so the forward pass can be cut at block
+boundaries. The skeleton is built on the meta device; only what runs before block 0 (embeddings, rotary tables) is
+materialised. One forward pass of that skeleton records the exact call every block receives: each block's `forward`
+is temporarily replaced by a recorder, so per-layer inputs such as Qwen3's or Gemma2's sliding-window masks are
+captured too, not only block 0's (NOTES §3). Then, block by block: load its tensors from the safetensors shards, replay
+every recorded call through it, feed the shared `LayerAccumulator`, and drop it. The next block loads in a background
+thread meanwhile, so disk reads overlap compute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..data.calibration import CalibrationSet
+from ..models.architectures import checkpoint_layer_prefix, find_block_stack
+from ..models.loading import DTYPES, ModelLoadError, resolve_model_path
+from .block_influence import (LayerAccumulator, LayerStats, ScoringError, _forward_kwargs, _StopAfterLastBlock,
+                              batch_layout)
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Fraction of free memory that activations may take; the rest is for two blocks in flight and the kernels' scratch.
+ACTIVATION_MEMORY_FRACTION = 0.5
+# Streaming is chosen automatically when the model would take more than this fraction of the free memory.
+AUTO_STREAM_FRACTION = 0.8
+
+
+class StreamingError(ScoringError):
+    pass
+
+
+@dataclass
+class StreamedLayerStats(LayerStats):
+    """LayerStats plus how the streamed run kept its activations and where its time went."""
+
+    streaming: dict = field(default_factory=dict)
+
+
+# ---- checkpoint access -----------------------------------------------------------------------------------------
+
+def read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise StreamingError(f"shard {path.name} is truncated: it is shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        header = fh.read(length)
+    try:
+        parsed = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise StreamingError(f"shard {path.name} has a corrupt header (not JSON); re-download or re-save it") from None
+    parsed.pop("__metadata__", None)
+    parsed["__data_start__"] = 8 + length
+    return parsed
+
+
+class CheckpointShards:
+    """Tensor name -> shard file of a safetensors checkpoint folder, read lazily through mmap (safe_open)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif single.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as fh:
+                self.weight_map = {name: single.name for name in fh.keys()}
+        else:
+            raise StreamingError(f"{folder} holds no safetensors weights (model.safetensors or its index); streamed "
+                                 "scoring reads only safetensors checkpoints")
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def total_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes of every tensor, as stored or, given `dtype`, after casting floating tensors to it."""
+        total = 0
+        for shard in sorted(set(self.weight_map.values())):
+            for name, info in read_safetensors_header(self.folder / shard).items():
+                if name.startswith("__"):
+                    continue
+                count = 1
+                for dim in info["shape"]:
+                    count *= dim
+                stored = SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 2)
+                is_float = info["dtype"].startswith(("F", "BF"))
+                total += count * (torch.empty(0, dtype=dtype).element_size() if dtype and is_float else stored)
+        return total
+
+    def load(self, wanted: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+        """Read checkpoint tensors `wanted` (name -> template giving the dtype) straight onto `device`."""
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for name in wanted:
+            if name not in self.weight_map:
+                raise StreamingError(f"tensor {name} is not in the checkpoint {self.folder}; it may need a newer "
+                                     "transformers or a family entry in shortgpt_fast/models/architectures.py")
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        loaded = {}
+        # safe_open on a CUDA device copies each tensor straight from the mmap to the GPU.
+        open_device = str(device) if torch.device(device).type == "cuda" else "cpu"
+        for shard, names in by_shard.items():
+            path = self.folder / shard
+            # Opened per block, not kept open: touched mmap pages count as resident until the file is unmapped.
+            try:
+                handle = safe_open(str(path), framework="pt", device=open_device)
+            except Exception as err:  # safetensors raises its own error types for every kind of damage
+                raise StreamingError(self._damage_message(path, names[0], err)) from None
+            with handle as fh:
+                for name in names:
+                    try:
+                        tensor = fh.get_tensor(name)
+                    except Exception as err:
+                        raise StreamingError(self._damage_message(path, name, err)) from None
+                    if tensor.is_floating_point():
+                        if not bool(torch.isfinite(tensor).all()):
+                            raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
+                                                 "re-download or re-save the checkpoint")
+                        tensor = tensor.to(wanted[name].dtype)
+                    loaded[name] = tensor.to(device)
+        return loaded
+
+    def _damage_message(self, path: Path, name: str, err: Exception) -> str:
+        """Name the tensor that lies where the file is damaged, which is not always the one being read."""
+        culprit = name
+        try:
+            header = read_safetensors_header(path)
+            available = path.stat().st_size - header["__data_start__"]
+            beyond = [(info["data_offsets"][1], n) for n, info in header.items()
+                      if not n.startswith("__") and info["data_offsets"][1] > available]
+            if beyond:
+                culprit = min(beyond)[1]
+        except StreamingError:
+            pass
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"shard {path.name} is corrupt or truncated at tensor {culprit} ({reason}); re-download or re-save "
+                "the checkpoint")
+
+
+# ---- memory estimates ------------------------------------------------------------------------------------------
+
+def available_memory_bytes(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # only where /proc is missing
+
+    return int(psutil.virtual_memory().available)
+
+
+def streaming_decision(model: str, dtype: str, device) -> tuple[bool, str]:
+    """(stream?, the estimate behind it) for a local checkpoint: stream when it would not fit in free memory."""
+    if dtype not in DTYPES:
+        return False, f"unknown dtype {dtype!r}"  # the loader reports it with the valid choices
+    folder = resolve_model_path(model)
+    if not Path(folder).is_dir():
+        return False, f"{model} is not a local checkpoint; loading it whole"
+    try:
+        need = CheckpointShards(folder).total_bytes(DTYPES[dtype])
+    except StreamingError:
+        return False, f"{model} has no safetensors weights to stream; loading it whole"
+    have = available_memory_bytes(device)
+    stream = need > AUTO_STREAM_FRACTION * have
+    verdict = "scoring streamed, one block at a time" if stream else "loading it whole"
+    return stream, (f"model needs about {need / 1e9:.2f} GB in {dtype}; {have / 1e9:.2f} GB free on {device}: "
+                    f"{verdict}")
+
+
+# ---- activations -------------------------------------------------------------------------------------------------
+
+class ActivationStore:
+    """Hidden states of every calibration batch between two blocks: on the device, in (pinned) host memory, or in a
+    temporary file when neither can hold them."""
+
+    def __init__(self, tier: str, device):
+        self.tier = tier
+        self.device = torch.device(device)
+        self._held: dict[int, torch.Tensor] = {}
+        self._file = None
+        self._slots: dict[int, tuple[int, torch.Size, torch.dtype]] = {}
+        self._end = 0
+        if tier == "disk":
+            self._file = tempfile.TemporaryFile(prefix="shortgpt-fast-activations-")
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        if self.tier == "device":
+            self._held[batch] = hidden
+        elif self.tier == "host":
+            host = self._held.get(batch)
+            if host is None or host.shape != hidden.shape or host.dtype != hidden.dtype:
+                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self.device.type == "cuda")
+                self._held[batch] = host
+            host.copy_(hidden)
+        else:
+            data = hidden.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+            if batch not in self._slots:
+                self._slots[batch] = (self._end, hidden.shape, hidden.dtype)
+                self._end += data.nbytes
+            offset = self._slots[batch][0]
+            os.pwrite(self._file.fileno(), data, offset)
+
+    def get(self, batch: int) -> torch.Tensor:
+        if self.tier == "device":
+            return self._held[batch]
+        if self.tier == "host":
+            return self._held[batch].to(self.device, non_blocking=True)
+        offset, shape, dtype = self._slots[batch]
+        out = torch.empty(shape, dtype=dtype)
+        view = out.view(torch.uint8).reshape(-1).numpy()
+        read = os.preadv(self._file.fileno(), [view], offset)
+        if read != view.nbytes:
+            raise StreamingError(f"the activation spill file returned {read} of {view.nbytes} bytes; is the "
+                                 "temporary folder full?")
+        return out.to(self.device)
+
+    def close(self) -> None:
+        self._held.clear()
+        if self._file is not None:
+            self._file.close()
+
+
+def choose_activation_tier(needed: int, device, budget: Optional[int]) -> tuple[str, str]:
+    device = torch.device(device)
+    device_budget = budget if budget is not None else int(ACTIVATION_MEMORY_FRACTION * available_memory_bytes(device))
+    if needed <= device_budget:
+        return "device", ""
+    if device.type == "cuda":
+        host_budget = int(ACTIVATION_MEMORY_FRACTION * available_memory_bytes("cpu"))
+        if needed <= host_budget:
+            return "host", (f"activations ({needed / 1e9:.2f} GB) exceed the device budget "
+                            f"({device_budget / 1e9:.2f} GB); keeping them in pinned host memory")
+    return "disk", (f"activations ({needed / 1e9:.2f} GB) exceed the memory budget ({device_budget / 1e9:.2f} GB); "
+                    f"spilling them to a temporary file in {tempfile.gettempdir()} (slower; lower --samples or "
+                    "--seq-len to avoid it)")
+
+
+# ---- the streamed pass -----------------------------------------------------------------------------------------
+
+def _skeleton(folder: str, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from ..models.loading import _is_causal_lm
+
+    config = AutoConfig.from_pretrained(folder)
+    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+    # Parameters on meta; buffers real, because non-persistent ones (rotary inv_freq) are computed, never stored.
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _module_root(stack_path: str, ckpt_prefix: str) -> str:
+    """What to prepend to checkpoint names to get module names (a base-model checkpoint lacks the `model.`)."""
+    if stack_path == ckpt_prefix:
+        return ""
+    if stack_path.endswith("." + ckpt_prefix):
+        return stack_path[: -len(ckpt_prefix)]
+    raise StreamingError(f"the checkpoint names its layers {ckpt_prefix}.N but the model holds them at "
+                         f"{stack_path}; streamed scoring cannot map one onto the other")
+
+
+def _wanted_tensors(module: nn.Module, module_prefix: str, root: str, shards: CheckpointShards,
+                    skip: tuple[str, ...] = ()) -> dict[str, tuple[str, torch.Tensor]]:
+    """checkpoint name -> (state-dict key, meta template) for `module`'s parameters and stored buffers."""
+    parameters = {name for name, _ in module.named_parameters()}
+    present = set(shards.weight_map)
+    wanted = {}
+    for key, template in module.state_dict(keep_vars=True).items():
+        full = module_prefix + key
+        if any(full == s or full.startswith(s + ".") for s in skip):
+            continue
+        ckpt = full[len(root):] if full.startswith(root) else None
+        if ckpt is None or ckpt not in present:
+            if key in parameters:
+                raise StreamingError(f"the checkpoint has no tensor {ckpt or full} for parameter {full}")
+            continue  # a buffer the model computes itself
+        wanted[ckpt] = (key, template)
+    return wanted
+
+
+def _materialise(module: nn.Module, wanted: dict, loaded: dict, device) -> None:
+    state = {key: loaded[ckpt] for ckpt, (key, _) in wanted.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device.type != "meta" and buf.device != torch.device(device):
+                sub._buffers[name] = buf.to(device)
+
+
+@torch.no_grad()
+def collect_layer_stats_streamed(
+    model_path: str,
+    calib: CalibrationSet,
+    batch_size: int = 8,
+    angular_span: int = 8,
+    device="cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+    activation_budget: Optional[int] = None,
+) -> StreamedLayerStats:
+    """Same LayerStats as `collect_layer_stats` on the loaded model, holding at most two blocks at a time."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ScoringError(f"--batch-size must be >= 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    device = torch.device(device)
+    folder = resolve_model_path(model_path)
+    if not Path(folder).is_dir():
+        raise StreamingError(f"streamed scoring reads a local checkpoint folder; {model_path} is not one "
+                             "(download it first, e.g. with `huggingface-cli download`)")
+    started = time.perf_counter()
+    shards = CheckpointShards(folder)
+    model = _skeleton(folder, DTYPES[dtype])
+    stack = find_block_stack(model)
+    blocks = stack.blocks
+    num_layers = len(blocks)
+    model_type = getattr(model.config, "model_type", None)
+    ckpt_prefix = checkpoint_layer_prefix(shards.names(), num_layers, model_type)
+    root = _module_root(stack.path, ckpt_prefix)
+
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = tuple(name for name, mod in model.named_modules()
+                 if output_embeddings is not None and mod is output_embeddings) + (stack.path,)
+    # Everything outside the block stack except the output head: the embeddings and whatever the forward needs
+    # before block 0. The head is never reached, and for large vocabularies it is the biggest tensor of all.
+    outer = _wanted_tensors(model, "", root, shards, skip=skip)
+    _materialise(model, outer, shards.load({k: t for k, (_, t) in outer.items()}, device), device)
+
+    # ---- record every block's call for every batch --------------------------------------------------------------
+    num_seqs = calib.num_sequences
+    needs_positions = bool((calib.attention_mask == 0).any())
+    calls: list[list] = []  # [batch][layer] -> (args after hidden_states, kwargs)
+    layouts = []
+    first_hidden = []
+    recorded: list = [None] * num_layers
+
+    def recorder(layer: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            recorded[layer] = (args[1:], dict(kwargs))
+            if layer == 0:
+                recorded_hidden[0] = hidden
+            if layer == num_layers - 1:
+                raise _StopAfterLastBlock
+            return hidden
+
+        return forward
+
+    recorded_hidden = [None]
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    starts = list(range(0, num_seqs, batch_size))
+    try:
+        for start in starts:
+            stop = min(start + batch_size, num_seqs)
+            ids = calib.input_ids[start:stop].to(device)
+            mask2d = calib.attention_mask[start:stop].to(device)
+            try:
+                model(**_forward_kwargs(model, ids, mask2d, needs_positions))
+            except _StopAfterLastBlock:
+                pass
+            except (RuntimeError, NotImplementedError) as err:
+                if "meta" in str(err):
+                    raise StreamingError(
+                        f"{type(model).__name__} ({model_type}) uses weights outside its block stack between "
+                        f"blocks, so its blocks cannot be replayed one at a time: {str(err).splitlines()[0]}") from None
+                raise
+            else:
+                raise StreamingError(f"the forward pass of {type(model).__name__} never reached its last block "
+                                     f"({stack.path}); it cannot be scored streamed")
+            calls.append(list(recorded))
+            first_hidden.append(recorded_hidden[0])
+            layouts.append(batch_layout(mask2d, start, device))
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+    hidden_size = first_hidden[0].shape[-1]
+    element = first_hidden[0].element_size()
+    needed = num_seqs * calib.input_ids.shape[1] * hidden_size * element
+    tier, message = choose_activation_tier(needed, device, activation_budget)
+    if message:
+        print(f"shortgpt-fast: {message}", file=sys.stderr)
+    store = ActivationStore(tier, device)
+    for b, hidden in enumerate(first_hidden):
+        store.put(b, hidden)
+    del first_hidden, recorded_hidden[0]
+
+    # ---- one block at a time, the next one loading meanwhile --------------------------------------------------
+    accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
+    wanted = [_wanted_tensors(blocks[i], f"{stack.path}.{i}.", root, shards) for i in range(num_layers)]
+
+    def load_block(i: int):
+        began = time.perf_counter()
+        tensors = shards.load({k: t for k, (_, t) in wanted[i].items()}, device)
+        return tensors, time.perf_counter() - began
+
+    load_seconds = compute_seconds = wait_seconds = 0.0
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-prefetch")
+    try:
+        pending = executor.submit(load_block, 0)
+        for i in tqdm(range(num_layers), desc="streamed scoring", unit="block", disable=not progress):
+            waited = time.perf_counter()
+            tensors, seconds = pending.result()
+            wait_seconds += time.perf_counter() - waited
+            load_seconds += seconds
+            if i + 1 < num_layers:
+                pending = executor.submit(load_block, i + 1)
+            _materialise(blocks[i], wanted[i], tensors, device)
+            del tensors
+            began = time.perf_counter()
+            for b, layout in enumerate(layouts):
+                hidden_in = store.get(b)
+                args, kwargs = calls[b][i]
+                output = blocks[i](hidden_in, *args, **kwargs)
+                hidden_out = output if isinstance(output, torch.Tensor) else output[0]
+                accumulator.add(i, hidden_in, hidden_out, layout)
+                store.put(b, hidden_out)
+                calls[b][i] = None  # its masks may be the only reference left
+                del hidden_in, output, hidden_out
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compute_seconds += time.perf_counter() - began
+            blocks[i].to("meta")  # frees the block's weights
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        store.close()
+    stats = accumulator.finish(stack.path, started)
+    return StreamedLayerStats(stats.per_sequence, stats.span_angular, stats.block_path, stats.seconds, streaming={
+        "activations": tier, "activation_bytes": needed, "load_s": load_seconds, "compute_s": compute_seconds,
+        "wait_for_load_s": wait_seconds, "num_layers": num_layers,
+    })

@@ -1,0 +1,237 @@
+"""Streamed (block-at-a-time) scoring equals in-memory scoring, stays within its memory bound, and reports damage."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
+
+from shortgpt_fast import api
+from shortgpt_fast.data.calibration import from_tensors
+from shortgpt_fast.scoring import streamed
+from shortgpt_fast.scoring.block_influence import collect_layer_stats
+from shortgpt_fast.scoring.report import SCORE_METRICS
+from shortgpt_fast.scoring.streamed import StreamingError, collect_layer_stats_streamed, read_safetensors_header
+from tiny_models import TINY_MODELS, VOCAB, random_ids
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_mistral(num_layers: int = 5, seed: int = 0):
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=120, num_hidden_layers=num_layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           sliding_window=6, tie_word_embeddings=False, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_gemma2(num_layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=num_layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                          sliding_window=6, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+FAMILIES = dict(TINY_MODELS, mistral=tiny_mistral, gemma2=tiny_gemma2)
+
+
+def save_sharded(model, folder: Path) -> Path:
+    model.save_pretrained(folder, max_shard_size="60KB")
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) >= 2, "the checkpoint must span several shards to exercise the shard map"
+    return folder
+
+
+def padded_calibration(samples: int = 5, seq_len: int = 19):
+    # Longer than the sliding windows (6, 8), with left and right padding, so masks and positions both matter.
+    ids = random_ids(samples, seq_len, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[3, 14:] = 0
+    return from_tensors(ids, mask)
+
+
+def assert_same_stats(expected, got):
+    # Both paths run the same kernels on the same shapes, so agreement is expected to the last bit; 1e-7 relative
+    # is below one float32 ulp of any summand, far tighter than the 1e-3 scale of a wrong mask or a wrong position.
+    assert torch.equal(expected.per_sequence[:, :, 0], got.per_sequence[:, :, 0]), "token counts differ"
+    torch.testing.assert_close(got.per_sequence, expected.per_sequence, rtol=1e-7, atol=1e-12)
+    assert sorted(got.span_angular) == sorted(expected.span_angular)
+    for n, values in expected.span_angular.items():
+        torch.testing.assert_close(got.span_angular[n], values, rtol=1e-7, atol=1e-12)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    family = request.param
+    folder = save_sharded(FAMILIES[family](), tmp_path_factory.mktemp(family))
+    return family, folder
+
+
+def test_streamed_equals_in_memory(checkpoint):
+    family, folder = checkpoint
+    calib = padded_calibration()
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = collect_layer_stats(loaded, calib, batch_size=2, angular_span=3, progress=False)
+    got = collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=3, progress=False)
+    assert got.block_path == expected.block_path
+    assert got.streaming["activations"] == "device"
+    assert_same_stats(expected, got)
+
+
+def test_streamed_rankings_identical_through_api(checkpoint):
+    family, folder = checkpoint
+    calib = padded_calibration()
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    in_memory = api.score(loaded, calib, batch_size=3, angular_span=2, progress=False)
+    stream = api.score(str(folder), calib, batch_size=3, angular_span=2, progress=False, streamed=True)
+    assert stream.calibration["streamed"] is True
+    for metric in SCORE_METRICS:
+        assert stream.ranking(metric) == in_memory.ranking(metric), metric
+    assert stream.select("angular_span", 2) == in_memory.select("angular_span", 2)
+    torch.testing.assert_close(torch.as_tensor(stream.bi_ci95()), torch.as_tensor(in_memory.bi_ci95()),
+                               rtol=1e-7, atol=1e-12)
+
+
+def test_bfloat16_streamed_equals_in_memory(tmp_path):
+    folder = save_sharded(FAMILIES["llama"](), tmp_path / "llama")
+    calib = padded_calibration()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    expected = collect_layer_stats(loaded, calib, batch_size=2, angular_span=2, progress=False)
+    got = collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=2, dtype="bfloat16",
+                                       progress=False)
+    assert_same_stats(expected, got)
+
+
+def test_activations_spill_to_disk_and_say_so(tmp_path, capsys):
+    folder = save_sharded(FAMILIES["qwen3"](), tmp_path / "qwen3")
+    calib = padded_calibration()
+    on_device = collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=2, progress=False)
+    spilled = collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=2, progress=False,
+                                           activation_budget=0)
+    assert spilled.streaming["activations"] == "disk"
+    assert "spilling them to a temporary file" in capsys.readouterr().err
+    assert_same_stats(on_device, spilled)
+
+
+def test_streaming_is_chosen_when_the_model_does_not_fit(tmp_path, capsys, monkeypatch):
+    folder = save_sharded(FAMILIES["llama"](), tmp_path / "llama")
+    monkeypatch.setattr(streamed, "available_memory_bytes", lambda device: 10_000)
+    scores = api.score(str(folder), random_ids(2, 9), progress=False)
+    assert scores.calibration.get("streamed") is True
+    err = capsys.readouterr().err
+    assert "GB free on cpu: scoring streamed" in err and "model needs about" in err
+
+
+def test_in_memory_when_the_model_fits(tmp_path):
+    folder = save_sharded(FAMILIES["llama"](), tmp_path / "llama")
+    stream, estimate = streamed.streaming_decision(str(folder), "float32", "cpu")
+    assert not stream and "loading it whole" in estimate
+
+
+def _largest_layer_tensor(folder: Path):
+    """(shard, tensor name, header entry) of the biggest layer tensor, so damage in it is read by a block load."""
+    best = None
+    for shard in sorted(folder.glob("*.safetensors")):
+        header = read_safetensors_header(shard)
+        for name, info in header.items():
+            if name.startswith("__") or ".layers." not in name:
+                continue
+            begin, end = info["data_offsets"]
+            if best is None or end - begin > best[3] - best[2]:
+                best = (shard, name, begin + header["__data_start__"], end + header["__data_start__"])
+    return best
+
+
+def test_corrupted_shard_names_shard_and_tensor(tmp_path):
+    folder = save_sharded(FAMILIES["llama"](), tmp_path / "llama")
+    shard, name, begin, end = _largest_layer_tensor(folder)
+    with open(shard, "r+b") as fh:
+        fh.seek((begin + end) // 2 // 4 * 4)
+        fh.write(b"\xff" * 64)  # float32 NaNs in the middle of the tensor
+    with pytest.raises(StreamingError) as err:
+        collect_layer_stats_streamed(str(folder), padded_calibration(), progress=False)
+    assert shard.name in str(err.value) and name in str(err.value)
+
+
+def test_truncated_shard_names_shard_and_tensor(tmp_path):
+    folder = save_sharded(FAMILIES["llama"](), tmp_path / "llama")
+    shard, name, begin, end = _largest_layer_tensor(folder)
+    with open(shard, "r+b") as fh:
+        fh.truncate((begin + end) // 2)
+    with pytest.raises(StreamingError) as err:
+        collect_layer_stats_streamed(str(folder), padded_calibration(), progress=False)
+    assert shard.name in str(err.value) and name in str(err.value)
+
+
+@pytest.mark.slow
+def test_cli_streamed_flag(tmp_path, smollm2, capsys):
+    from shortgpt_fast.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["score", "smollm2-135m", "--out", str(out), "--streamed", "--quiet", "--samples", "2",
+                 "--seq-len", "32"]) == 0
+    report = json.loads(out.read_text())
+    assert report["calibration"]["streamed"] is True
+    assert len(report["ranking"]["bi"]) == 30
+
+
+@pytest.mark.slow
+def test_streamed_equals_in_memory_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    calib = api.calibration_set(None, tokenizer, samples=2, seq_len=32, seed=5)
+    expected = api.score(model, calib, batch_size=2, progress=False)
+    got = api.score("smollm2-135m", calib, batch_size=2, progress=False, streamed=True)
+    assert got.num_layers == expected.num_layers == 30
+    assert_same_stats(expected.stats, got.stats)
+    for metric in SCORE_METRICS:
+        assert got.ranking(metric) == expected.ranking(metric), metric
+
+
+PEAK_CHILD = textwrap.dedent("""
+    import json, resource, sys, torch
+    sys.path.insert(0, {bench!r})
+    from shortgpt_fast.data.calibration import from_tensors
+    from shortgpt_fast.scoring.streamed import collect_layer_stats_streamed
+    ids = torch.randint(1, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    calib = from_tensors(ids)
+    # Warm-up on the same checkpoint with one layer's worth of work would not do: run a full pass on a tiny model so
+    # every lazy import and kernel load is already counted in the baseline.
+    collect_layer_stats_streamed({tiny!r}, calib, batch_size=2, progress=False, dtype="bfloat16")
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = collect_layer_stats_streamed({big!r}, calib, batch_size=2, progress=False, dtype="bfloat16")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({{"baseline": baseline, "peak": peak, "activation_bytes": stats.streaming["activation_bytes"]}}))
+""")
+
+
+def test_peak_rss_stays_within_a_few_blocks(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_surgery import generate_checkpoint
+
+    big = tmp_path / "big"
+    total = generate_checkpoint(big, hidden=768, intermediate=2048, layers=24, vocab=4096, heads=12, kv_heads=4,
+                                shard_bytes=60_000_000)
+    tiny = save_sharded(FAMILIES["llama"](), tmp_path / "tiny")
+    header_sizes = {}
+    for shard in big.glob("*.safetensors"):
+        for name, info in read_safetensors_header(shard).items():
+            if not name.startswith("__"):
+                header_sizes[name] = info["data_offsets"][1] - info["data_offsets"][0]
+    largest_block = max(sum(v for k, v in header_sizes.items() if k.startswith(f"model.layers.{i}.")) for i in range(24))
+    outside = sum(v for k, v in header_sizes.items() if ".layers." not in k and not k.startswith("lm_head"))
+    child = PEAK_CHILD.format(bench=str(REPO / "bench"), tiny=str(tiny), big=str(big))
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    margin = 64 * 2**20  # allocator slack, the kernels' scratch, thread stacks
+    bound = 3 * largest_block + outside + 4 * measured["activation_bytes"] + margin
+    grown = measured["peak"] - measured["baseline"]
+    assert total > 250e6 and bound < total / 2, "the bound must be well below the checkpoint, or the test proves nothing"
+    assert grown <= bound, f"peak grew {grown / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, model {total / 2**20:.0f} MiB"
