@@ -301,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     if add_cut_subcommand is not None:
         add_cut_subcommand(sub)
 
+    from .evaluation.compare import add_compare_subcommand
     from .evaluation.run import add_eval_subcommand
 
     add_eval_subcommand(sub)
+    add_compare_subcommand(sub)
     return parser
 
 

@@ -230,3 +230,42 @@ def test_task_file_with_wrong_schema_is_a_one_line_error_from_the_cli(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and "'query'" in err
+
+
+# ---- compare ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratios", ["0,1", "-0.1", "0.2,abc"])
+def test_compare_rejects_ratios_outside_0_1(ratios, capsys):
+    rc = main(["compare", "smollm2-135m", "--ratios", ratios])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--ratios" in err
+
+
+def test_compare_rejects_unknown_methods(capsys):
+    rc = main(["compare", "smollm2-135m", "--methods", "bi,magic"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'magic'" in err
+
+
+def test_compare_scores_once_and_writes_table_and_plot(tokenizer, tmp_path, capsys, monkeypatch):
+    from shortgpt_fast import api
+
+    calls = []
+    real_score = api.score
+    monkeypatch.setattr(api, "score", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    dense = _tiny_real_vocab(tokenizer, num_layers=6)
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    out_dir = tmp_path / "cmp"
+    rc = main(["compare", str(tmp_path / "dense"), "--ratios", "0,0.2,0.5", "--methods", "bi,reverse,relmag",
+               "--samples", "2", "--seq-len", "16", "--ppl-tokens", "64", "--ppl-window", "64", "--quiet",
+               "--out-dir", str(out_dir)])
+    assert rc == 0 and len(calls) == 1
+    table = json.loads((out_dir / "compare.json").read_text())
+    rows = {(r["method"], r["ratio"]): r for r in table["rows"]}
+    assert set(rows) == {("dense", 0.0)} | {(m, r) for m in ("bi", "reverse", "relmag") for r in (0.2, 0.5)}
+    assert rows[("reverse", 0.5)]["removed"] == [3, 4, 5]
+    assert len(rows[("bi", 0.2)]["removed"]) == 1 and rows[("bi", 0.2)]["params_kept_pct"] < 100
+    assert all(r["ppl"] > 1 for r in table["rows"])
+    markdown = (out_dir / "compare.md").read_text()
+    assert markdown.count("\n| ") == len(rows) and "| dense | 0 |" in markdown
+    assert (out_dir / "compare.png").stat().st_size > 1000

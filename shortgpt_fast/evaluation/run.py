@@ -122,6 +122,17 @@ def _task_specs(tasks: Sequence[str], data_dir: Optional[str]):
     return specs, names, manager
 
 
+class _CustomDatasetHintFilter(logging.Filter):
+    """lm-eval advises every custom_dataset task to take kwargs from `--metadata`; our loaders get the data folder
+    from shortgpt_fast, so the advice only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_CustomDatasetHintFilter())
+
+
 def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: Optional[int] = None, batch_size: int = 8,
               data_dir: Optional[str] = None, log_samples: bool = False) -> dict:
     """Zero-shot accuracy (acc, acc_norm and their stderr, as lm-eval reports them) of the in-memory model."""
@@ -364,15 +375,31 @@ def _parse_batches(text: str) -> list[int]:
 
 
 def evaluate_kwargs_from_args(args) -> dict:
+    """evaluate() keyword arguments from `eval` or `compare` flags (compare has no throughput/generation flags)."""
     return dict(ppl=None if args.ppl == "none" else args.ppl, ppl_tokens=args.ppl_tokens or None,
                 ppl_window=args.ppl_window, ppl_stride=args.ppl_stride, tasks=_parse_tasks(args.tasks),
-                limit=args.limit, batch_size=args.batch_size, throughput=args.throughput,
-                throughput_batches=_parse_batches(args.throughput_batches), throughput_seq_len=args.throughput_seq_len,
-                throughput_repeats=args.repeats, decode_tokens=args.decode_tokens, generate=args.generate,
-                max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, progress=not args.quiet)
+                limit=args.limit, batch_size=args.eval_batch_size, throughput=getattr(args, "throughput", False),
+                throughput_batches=_parse_batches(getattr(args, "throughput_batches", "1,8")),
+                throughput_seq_len=getattr(args, "throughput_seq_len", 256),
+                throughput_repeats=getattr(args, "repeats", 5), decode_tokens=getattr(args, "decode_tokens", 32),
+                generate=getattr(args, "generate", False), max_new_tokens=getattr(args, "max_new_tokens", 32),
+                data_dir=args.data_dir, progress=not args.quiet)
 
 
-def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+def check_inputs_early(kwargs: dict) -> None:
+    """Fail on a missing data folder or a malformed task file before minutes go into loading and scoring."""
+    from .tasks.local_data import load_multiple_choice_jsonl
+
+    if kwargs["ppl"] in PPL_SOURCES or any(task in LOCAL_TASKS for task in kwargs["tasks"]):
+        resolve_data_dir(kwargs["data_dir"])
+    for task in kwargs["tasks"]:
+        if task.endswith(".jsonl"):
+            load_multiple_choice_jsonl({"test": task})
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser, runtime_flags: bool = True) -> None:
+    """Perplexity and task flags; `runtime_flags=False` where the calibration flags already define
+    --device/--dtype/--quiet/--batch-size (the `compare` subcommand)."""
     group = parser.add_argument_group("evaluation")
     group.add_argument("--ppl", default="wikitext2",
                        help=f"perplexity text: {', '.join(PPL_SOURCES)}, a .txt file, or none (default wikitext2)")
@@ -383,11 +410,13 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated: piqa, arc_easy (local files), {query,choices,gold} .jsonl files, "
                             "or lm-eval task names (need the hub)")
     group.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
-    group.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    batch_flags = ("--batch-size", "--eval-batch-size") if runtime_flags else ("--eval-batch-size",)
+    group.add_argument(*batch_flags, dest="eval_batch_size", type=int, default=8, help="lm-eval batch size")
     group.add_argument("--data-dir", default=None, help="evaluation data folder (default ../shared/data)")
-    group.add_argument("--device", default="cpu")
-    group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    if runtime_flags:
+        group.add_argument("--device", default="cpu")
+        group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_eval_subcommand(subparsers) -> None:
@@ -411,13 +440,7 @@ def cmd_eval(args) -> int:
     from ..api import load
 
     kwargs = evaluate_kwargs_from_args(args)
-    if kwargs["ppl"] in PPL_SOURCES or any(task in LOCAL_TASKS for task in kwargs["tasks"]):
-        resolve_data_dir(args.data_dir)  # fail before spending time on loading models
-    from .tasks.local_data import load_multiple_choice_jsonl
-
-    for task in kwargs["tasks"]:
-        if task.endswith(".jsonl"):
-            load_multiple_choice_jsonl({"test": task})  # a schema error surfaces now, not after the model loads
+    check_inputs_early(kwargs)
     if args.quiet:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     models = ([("original", args.compare_to), ("pruned", args.model)] if args.compare_to

@@ -1,0 +1,186 @@
+"""`shortgpt-fast compare`: every (method, removal ratio) evaluated from one scoring pass, as in the paper's Table 2.
+
+The model is loaded and scored once; each setting prunes a fresh in-memory copy, so nothing is written but the
+results: compare.json, compare.md (scores and retention % of the dense model) and plots against % of layers removed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .run import (add_evaluation_flags, check_inputs_early, evaluate, evaluate_kwargs_from_args)
+
+# Short method names used by the issue and the paper's baselines; the values are Scores metric names.
+METHOD_ALIASES = {"relmag": "relative_magnitude", "angular_last": "angular_last_token"}
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--ratios must be comma-separated numbers such as 0,0.1,0.25, got {text!r}") from None
+    bad = [r for r in ratios if not 0 <= r < 1]
+    if not ratios or bad:
+        raise ValueError(f"--ratios must lie in [0, 1), got {', '.join(map(str, bad)) or 'nothing'}")
+    return sorted(set(ratios))
+
+
+def parse_methods(text: str) -> list[str]:
+    from ..scoring.report import METRICS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if METHOD_ALIASES.get(m, m) not in METRICS]
+    if not methods or unknown:
+        raise ValueError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+                         f"{', '.join(sorted(set(METRICS) | set(METHOD_ALIASES)))}")
+    return methods
+
+
+def _layers_to_remove(num_layers: int, ratio: float) -> int:
+    # Same rounding as `prune --ratio`, but 0 is allowed here: it is the dense row every method shares.
+    return int(ratio * num_layers + 0.5)
+
+
+def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Sequence[str], eval_kwargs: dict,
+            log=print) -> dict:
+    """Evaluate the dense model once and every (method, ratio > 0) on a pruned copy; returns the JSON table."""
+    from ..surgery.in_memory import prune_model
+
+    num_layers = scores.num_layers
+    dense_params = sum(p.numel() for p in model.parameters())
+    rows = []
+    log(f"evaluating the dense model ({num_layers} layers)")
+    dense = evaluate(model, tokenizer, **eval_kwargs)
+    rows.append(_row("dense", 0.0, [], num_layers, dense, dense_params))
+    for method in methods:
+        for ratio in ratios:
+            n_remove = _layers_to_remove(num_layers, ratio)
+            if n_remove == 0:
+                continue
+            if n_remove >= num_layers:
+                raise ValueError(f"ratio {ratio} removes all {num_layers} layers; use a smaller ratio")
+            layers = scores.select(METHOD_ALIASES.get(method, method), n_remove)
+            log(f"{method} @ {ratio:g}: removing {n_remove} layers {layers}")
+            pruned = prune_model(copy.deepcopy(model), layers)
+            rows.append(_row(method, ratio, layers, num_layers, evaluate(pruned, tokenizer, **eval_kwargs),
+                             dense_params))
+            del pruned
+    return {"model": scores.model, "num_layers": num_layers, "dense_params": dense_params,
+            "calibration": scores.calibration, "ratios": list(ratios), "methods": list(methods),
+            "evaluation": {k: v for k, v in eval_kwargs.items() if k != "progress"}, "rows": rows}
+
+
+def _row(method: str, ratio: float, layers: list, num_layers: int, result: dict, dense_params: int) -> dict:
+    row = {"method": method, "ratio": ratio, "removed": list(layers), "layers_removed_pct": 100 * len(layers) / num_layers,
+           "params": result["params"], "params_kept_pct": 100 * result["params"] / dense_params}
+    if "perplexity" in result:
+        row["ppl"] = result["perplexity"]["ppl"]
+    for task, values in result.get("tasks", {}).items():
+        row[task] = {k: v for k, v in values.items() if k != "samples"}
+    return row
+
+
+def _task_names(table: dict) -> list[str]:
+    return [k for k, v in table["rows"][0].items() if isinstance(v, dict)]
+
+
+def markdown_table(table: dict) -> str:
+    """Paper Table 2 layout: one row per setting, task accuracies, their average and its retention % of dense."""
+    tasks = _task_names(table)
+    dense = table["rows"][0]
+    dense_avg = statistics.fmean(dense[t]["acc"] for t in tasks) if tasks else None
+    header = ["method", "ratio", "layers removed", "params kept %"]
+    header += ["WikiText-2 ppl"] if "ppl" in dense else []
+    header += [f"{t} acc" for t in tasks] + (["avg", "retention %"] if tasks else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        cells = [row["method"], f"{row['ratio']:g}", f"{len(row['removed'])} ({row['layers_removed_pct']:.0f}%)",
+                 f"{row['params_kept_pct']:.1f}"]
+        if "ppl" in row:
+            cells.append(f"{row['ppl']:.2f}")
+        if tasks:
+            accs = [row[t]["acc"] for t in tasks]
+            cells += [f"{a * 100:.1f} ± {row[t]['acc_stderr'] * 100:.1f}" for a, t in zip(accs, tasks)]
+            avg = statistics.fmean(accs)
+            cells += [f"{avg * 100:.1f}", f"{100 * avg / dense_avg:.1f}" if dense_avg else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    docs = {t: dense[t]["docs"] for t in tasks}
+    note = f"\nTask accuracies (lm-eval `acc`, %, ± stderr) on {docs} examples." if tasks else ""
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def plot(table: dict, path: Path) -> None:
+    """Perplexity and each task's accuracy against % of layers removed, one line per method (dense at 0%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = _task_names(table)
+    panels = (["ppl"] if "ppl" in table["rows"][0] else []) + tasks
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    dense = table["rows"][0]
+    for ax, panel in zip(axes[0], panels):
+        for method in table["methods"]:
+            rows = [dense] + [r for r in table["rows"] if r["method"] == method]
+            x = [r["layers_removed_pct"] for r in rows]
+            y = [r["ppl"] if panel == "ppl" else 100 * r[panel]["acc"] for r in rows]
+            ax.plot(x, y, marker="o", label=method)
+        ax.set_xlabel("% of layers removed")
+        if panel == "ppl":
+            ax.set_ylabel("perplexity (log scale)")
+            ax.set_yscale("log")
+        else:
+            ax.set_ylabel(f"{panel} accuracy %")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{table['model']}: layer removal by method", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_compare_subcommand(subparsers) -> None:
+    from ..cli import _add_calibration_flags
+
+    p = subparsers.add_parser("compare", help="perplexity and task scores for every removal method and ratio")
+    p.add_argument("model", help="checkpoint folder, hub id, or the alias smollm2-135m")
+    p.add_argument("--ratios", default="0,0.1,0.2,0.25,0.3", help="fractions of layers to remove, each in [0, 1)")
+    p.add_argument("--methods", default="bi,angular,relmag,reverse,random,last",
+                   help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span")
+    p.add_argument("--out-dir", default="compare", help="where compare.json, compare.md and compare.png go")
+    add_evaluation_flags(p, runtime_flags=False)
+    _add_calibration_flags(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from ..api import load
+    from ..cli import _score_from_args
+
+    ratios, methods = parse_ratios(args.ratios), parse_methods(args.methods)
+    eval_kwargs = evaluate_kwargs_from_args(args)
+    check_inputs_early(eval_kwargs)
+    if args.quiet:
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
+    print(f"scoring {args.model} once on {args.samples} x {args.seq_len} calibration tokens")
+    scores = _score_from_args(args, model=model, tokenizer=tokenizer)
+    scores.model = args.model
+    table = compare(model, tokenizer, scores, ratios=ratios, methods=methods, eval_kwargs=eval_kwargs)
+    table["seconds"] = round(time.perf_counter() - started, 1)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(table, indent=1))
+    markdown = markdown_table(table)
+    (out_dir / "compare.md").write_text(markdown)
+    plot(table, out_dir / "compare.png")
+    print(markdown)
+    print(f"wrote {out_dir}/compare.json, compare.md, compare.png in {table['seconds']} s")
+    return 0
