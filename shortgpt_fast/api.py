@@ -18,9 +18,12 @@ from .surgery.in_memory import prune_model
 CalibrationSource = Union[None, str, torch.Tensor, CalibrationSet]
 
 
-def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) for a checkpoint folder, hub id or alias such as 'smollm2-135m'."""
-    net, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map=None):
+    """(model, tokenizer) for a checkpoint folder, hub id or alias such as 'smollm2-135m'.
+
+    device_map (accelerate's, e.g. "auto") spreads one model over several GPUs instead of placing it on `device`.
+    """
+    net, tokenizer, _ = load_model(model, device=device, dtype=dtype, device_map=device_map)
     return net, tokenizer
 
 
@@ -72,6 +75,7 @@ def score(
     progress: bool = True,
     streamed: Optional[bool] = None,
     activation_budget: Optional[int] = None,
+    device_map=None,
 ) -> Scores:
     """Score every block of `model` on calibration `data`; returns per-layer metrics, CIs and rankings.
 
@@ -86,7 +90,9 @@ def score(
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     if not isinstance(model, str) and streamed:
         raise ValueError("streamed scoring reads the checkpoint itself; pass the model as a path or alias")
-    if isinstance(model, str) and streamed is None:
+    if device_map is not None and streamed:
+        raise ValueError("device_map spreads a loaded model over GPUs; streamed scoring loads one block at a time")
+    if isinstance(model, str) and streamed is None and device_map is None:
         from .scoring.streamed import streaming_decision
 
         streamed, estimate = streaming_decision(model, dtype, device)
@@ -109,7 +115,7 @@ def score(
         model_dtype, model_device = str(DTYPES[dtype]), str(device)
     else:
         if isinstance(model, str):
-            model, loaded_tokenizer = load(model, device=device, dtype=dtype)
+            model, loaded_tokenizer = load(model, device=device, dtype=dtype, device_map=device_map)
             tokenizer = tokenizer or loaded_tokenizer
             timings["load_s"] = time.perf_counter() - started
         net = model

@@ -35,6 +35,8 @@ def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--streamed", action="store_const", const=True, default=None,
                        help="score one block at a time from the checkpoint's shards (models larger than memory); "
                             "chosen automatically when the model would not fit")
+    group.add_argument("--device-map", default=None,
+                       help="accelerate device map such as 'auto': one model spread over several GPUs, in memory")
 
 
 def _score_from_args(args, model=None, tokenizer=None):
@@ -50,7 +52,7 @@ def _score_from_args(args, model=None, tokenizer=None):
     return score(target, args.calib, tokenizer=tokenizer, samples=args.samples, seq_len=args.seq_len,
                  batch_size=args.batch_size, seed=args.seed, padding=args.padding, angular_span=args.angular_span,
                  device=device, dtype=args.dtype, text_field=args.text_field, progress=not args.quiet,
-                 streamed=streamed)
+                 streamed=streamed, device_map=getattr(args, "device_map", None))
 
 
 def _is_main_process() -> bool:

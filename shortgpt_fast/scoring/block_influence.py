@@ -71,6 +71,10 @@ class BatchLayout:
     def batch(self) -> int:
         return int(self.rows.shape[0])
 
+    def to(self, device) -> "BatchLayout":
+        return BatchLayout(*(t.to(device) for t in (self.rows, self.mask, self.seq_index, self.batch_index,
+                                                    self.last_pos)))
+
 
 def batch_layout(mask2d: torch.Tensor, start: int, device) -> BatchLayout:
     mask2d = mask2d.to(device)
@@ -104,17 +108,24 @@ class LayerAccumulator:
 
     def add(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor, layout: BatchLayout) -> None:
         batch, tokens, hidden = hidden_out.shape
+        rows = layout.rows
+        if hidden_out.device != layout.mask.device:
+            # A model spread over several GPUs (device_map): reduce where the block ran and move only the sums,
+            # never the activations. hidden_in sits on the previous block's device.
+            layout = layout.to(hidden_out.device)
+            hidden_in = hidden_in.to(hidden_out.device)
         flat_in = hidden_in.reshape(batch * tokens, hidden)
         flat_out = hidden_out.reshape(batch * tokens, hidden)
-        self.acc[layer, layout.rows] = bi_reduce(flat_in, flat_out, layout.mask, layout.seq_index, batch)
+        sums = bi_reduce(flat_in, flat_out, layout.mask, layout.seq_index, batch)
+        self.acc[layer, rows] = sums.to(self.device)
         if self.max_span == 0:
             return
         if self.boundary is None:
             self.boundary = torch.zeros(self.num_layers + 1, self.num_seqs, hidden, dtype=torch.float32,
                                         device=self.device)
         if layer == 0:
-            self.boundary[0, layout.rows] = hidden_in[layout.batch_index, layout.last_pos].float()
-        self.boundary[layer + 1, layout.rows] = hidden_out[layout.batch_index, layout.last_pos].float()
+            self.boundary[0, rows] = hidden_in[layout.batch_index, layout.last_pos].float().to(self.device)
+        self.boundary[layer + 1, rows] = hidden_out[layout.batch_index, layout.last_pos].float().to(self.device)
 
     def finish(self, block_path: str, started: float) -> LayerStats:
         span = {}
