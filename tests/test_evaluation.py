@@ -63,6 +63,7 @@ def test_sliding_window_scores_every_token_once_with_context():
     assert sliding["nll"] != pytest.approx(shorter_context["nll"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_broken_model_has_clearly_worse_perplexity(smollm2, data_dir):
     model, tok = smollm2
     ids, source = run.perplexity_tokens(tok, "wikitext2", 256, str(data_dir))
@@ -94,8 +95,12 @@ def test_task_yamls_parse_and_read_the_local_files(data_dir):
 @pytest.fixture(scope="module")
 def task_results(smollm2, data_dir):
     model, tok = smollm2
-    return run.run_tasks(model, tok, ["piqa", "arc_easy"], limit=LIMIT, batch_size=8, data_dir=str(data_dir),
-                         log_samples=True)
+    # Offline, as on a machine without the hub: the shipped tasks must need nothing but the local files.
+    with pytest.MonkeyPatch.context() as offline:
+        offline.setenv("HF_HUB_OFFLINE", "1")
+        offline.setenv("HF_DATASETS_OFFLINE", "1")
+        return run.run_tasks(model, tok, ["piqa", "arc_easy"], limit=LIMIT, batch_size=8, data_dir=str(data_dir),
+                             log_samples=True)
 
 
 def _known_labels(data_dir: Path, task: str) -> list[int]:
@@ -105,6 +110,7 @@ def _known_labels(data_dir: Path, task: str) -> list[int]:
     return [json.loads(line)["gold"] for line in lines]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["piqa", "arc_easy"])
 def test_lm_eval_accuracy_is_checked_against_the_known_labels(task_results, data_dir, task):
     result = task_results[task]
@@ -120,6 +126,7 @@ def test_lm_eval_accuracy_is_checked_against_the_known_labels(task_results, data
     assert result["acc"] == pytest.approx(sum(p == y for p, y in zip(predicted, labels)) / LIMIT)
 
 
+@pytest.mark.slow
 def test_lm_eval_accuracy_is_above_chance(task_results):
     # 20 PIQA (chance 1/2) and 20 ARC-Easy (chance 1/4) questions: a model guessing gets 15 right on average with
     # a standard deviation of 2.96; requiring 3 standard deviations more keeps a false pass below 0.2%.

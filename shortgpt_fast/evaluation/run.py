@@ -90,8 +90,16 @@ def _jsonl_task_config(path: Path) -> dict:
     }
 
 
+def _require_lm_eval() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise EvaluationError("--tasks needs lm-evaluation-harness; run: pip install 'shortgpt-fast[eval]'")
+
+
 def _task_specs(tasks: Sequence[str], data_dir: Optional[str]):
     """lm-eval task specs, the report name of each, and a TaskManager that knows them all."""
+    _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     specs, names, registry_names = [], {}, []
