@@ -273,8 +273,8 @@ def main(argv=None) -> int:
               f"{gbs['read_ceiling_fp32_sum']:6.1f} ({result['kernel_fraction_of_ceiling']:.0%}) | torch "
               f"{gbs['torch_backend']:5.2f} | cosine {gbs['cosine_similarity']:5.2f} "
               f"(x{result['speedup_vs_cosine_similarity']:.1f})"
-              + (f" | layer fwd {result.get('kernel_fraction_of_layer_forward') or 0:.2%}"
-                 if "decoder_layer_note" in result else ""), flush=True)
+              + (f" | {result['kernel_fraction_of_layer_forward']:.2%} of a layer forward"
+                 if result.get("kernel_fraction_of_layer_forward") else ""), flush=True)
 
     targets = {r["dtype"]: r for r in report["results"] if r["target_shape"]}
     report["targets"] = {

@@ -53,7 +53,9 @@ struct RowJob {
 #pragma GCC target("arch=x86-64-v4")
 namespace isa_avx512 {
 #define BI_ROWS_AVX2 1
+#define BI_ROWS_AVX512 1
 #include "bi_reduce_rows.h"
+#undef BI_ROWS_AVX512
 #undef BI_ROWS_AVX2
 }  // namespace isa_avx512
 #pragma GCC pop_options
@@ -62,7 +64,9 @@ namespace isa_avx512 {
 #pragma GCC target("arch=x86-64-v3")
 namespace isa_avx2 {
 #define BI_ROWS_AVX2 1
+#define BI_ROWS_AVX512 0
 #include "bi_reduce_rows.h"
+#undef BI_ROWS_AVX512
 #undef BI_ROWS_AVX2
 }  // namespace isa_avx2
 #pragma GCC pop_options
@@ -70,7 +74,9 @@ namespace isa_avx2 {
 
 namespace isa_generic {
 #define BI_ROWS_AVX2 0
+#define BI_ROWS_AVX512 0
 #include "bi_reduce_rows.h"
+#undef BI_ROWS_AVX512
 #undef BI_ROWS_AVX2
 }  // namespace isa_generic
 

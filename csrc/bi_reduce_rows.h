@@ -4,12 +4,26 @@
 // hidden size: AVX-512 and AVX2 builds give the same bits, and the thread count never enters.
 //
 // Deliberately no include guard: each inclusion is a separate ISA build.
-// Expected from the includer: <cstring>, <cstdint>, <immintrin.h>, and BI_ROWS_AVX2 (1 where AVX2 and F16C
-// intrinsics may be used).
+// Expected from the includer: <cstring>, <cstdint>, <immintrin.h>, BI_ROWS_AVX2 (1 where AVX2 and F16C
+// intrinsics may be used) and BI_ROWS_AVX512 (1 where a Vec16 fits one register).
 
 typedef float Vec16 __attribute__((vector_size(64)));
 typedef uint16_t Half16 __attribute__((vector_size(32)));
 typedef uint32_t Word16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+
+// Where a Vec16 is one zmm, a shuffle is one vinsert; where it is two ymm, GCC lowers the same shuffle
+// lane by lane through the stack but keeps a memcpy of each half in registers.
+static inline __attribute__((always_inline)) Vec16 concat_halves(const Vec8& lo, const Vec8& hi) {
+#if BI_ROWS_AVX512
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    Vec16 v;
+    std::memcpy(&v, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+    return v;
+#endif
+}
 
 constexpr int kLanes = 16;
 constexpr int kBlockVectors = 8;
@@ -25,11 +39,45 @@ static inline __attribute__((always_inline)) Partial zero_partial() {
     return p;
 }
 
-static inline __attribute__((always_inline)) void add_into(Partial& acc, const Partial& other) {
-    acc.dot += other.dot;
-    acc.sq_in += other.sq_in;
-    acc.sq_out += other.sq_out;
-    acc.sq_diff += other.sq_diff;
+// Group and row totals live in plain float arrays on purpose: kept as Partial structs, GCC moved them between
+// blocks through general registers in 8-byte pieces, which cost as much as the block's own arithmetic.
+struct Totals {
+    alignas(64) float lanes[4][kLanes];
+};
+
+static inline __attribute__((always_inline)) void zero_totals(Totals& totals) {
+    std::memset(&totals, 0, sizeof(totals));
+}
+
+static inline __attribute__((always_inline)) void add_half(float* total, const Vec8& half) {
+    Vec8 current;
+    std::memcpy(&current, total, sizeof(current));
+    current += half;
+    std::memcpy(total, &current, sizeof(current));
+}
+
+// Memory traffic in native 32-byte halves: a 64-byte vector is not native to AVX2, and GCC copies it to
+// and from memory in 8-byte pieces.
+static inline __attribute__((always_inline)) void add_vector(float* total, const Vec16& v) {
+    add_half(total, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+    add_half(total + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+static inline __attribute__((always_inline)) void add_partial(Totals& totals, const Partial& p) {
+    add_vector(totals.lanes[0], p.dot);
+    add_vector(totals.lanes[1], p.sq_in);
+    add_vector(totals.lanes[2], p.sq_out);
+    add_vector(totals.lanes[3], p.sq_diff);
+}
+
+static inline __attribute__((always_inline)) void add_totals(Totals& totals, const Totals& other) {
+    for (int q = 0; q < 4; ++q) {
+        for (int h = 0; h < kLanes; h += 8) {
+            Vec8 half;
+            std::memcpy(&half, other.lanes[q] + h, sizeof(half));
+            add_half(totals.lanes[q] + h, half);
+        }
+    }
 }
 
 static inline __attribute__((always_inline)) float bf16_bits_to_float(uint16_t bits) {
@@ -85,10 +133,7 @@ static inline __attribute__((always_inline)) Vec16 load16(const char* p) {
         __m256i zero = _mm256_setzero_si256();
         __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
         __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
-        Vec16 v;
-        std::memcpy(&v, &lo, 32);
-        std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-        return v;
+        return concat_halves(lo, hi);
 #else
         Half16 raw;
         std::memcpy(&raw, p, sizeof(raw));
@@ -102,10 +147,7 @@ static inline __attribute__((always_inline)) Vec16 load16(const char* p) {
         // GCC lowers a vector _Float16 conversion to one vcvtph2ps per element; the intrinsic does 8 at once.
         __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
-        Vec16 v;
-        std::memcpy(&v, &lo, 32);
-        std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-        return v;
+        return concat_halves(lo, hi);
 #else
         Vec16 v;
         for (int lane = 0; lane < kLanes; ++lane) {
@@ -118,7 +160,7 @@ static inline __attribute__((always_inline)) Vec16 load16(const char* p) {
     }
 }
 
-static inline __attribute__((always_inline)) void accumulate_vector(Partial& acc, Vec16 a, Vec16 b) {
+static inline __attribute__((always_inline)) void accumulate_vector(Partial& acc, const Vec16& a, const Vec16& b) {
     Vec16 diff = b - a;
     acc.dot += a * b;
     acc.sq_in += a * a;
@@ -126,7 +168,7 @@ static inline __attribute__((always_inline)) void accumulate_vector(Partial& acc
     acc.sq_diff += diff * diff;
 }
 
-static inline __attribute__((always_inline)) float lane_sum(Vec16 v) {
+static inline __attribute__((always_inline)) float lane_sum(const float* v) {
     // Fixed pairwise tree over the 16 lanes.
     float s8[8], s4[4], s2[2];
     for (int i = 0; i < 8; ++i) s8[i] = v[i] + v[i + 8];
@@ -142,7 +184,7 @@ static inline __attribute__((always_inline)) float lane_sum(Vec16 v) {
 constexpr int kGroupBlocks = 16;
 
 template <int DT>
-static inline __attribute__((always_inline)) void block_into(Partial& group, const char* a, const char* b,
+static inline __attribute__((always_inline)) void block_into(Totals& group, const char* a, const char* b,
                                                              int64_t vectors) {
     constexpr int64_t elem_bytes = DT == sgf::kFloat32 ? 4 : 2;
     Partial block = zero_partial();
@@ -156,25 +198,28 @@ static inline __attribute__((always_inline)) void block_into(Partial& group, con
             accumulate_vector(block, load16<DT>(a + v * kLanes * elem_bytes), load16<DT>(b + v * kLanes * elem_bytes));
         }
     }
-    add_into(group, block);
+    add_partial(group, block);
 }
 
 template <int DT>
 static RowSums row_sums(const char* a, const char* b, int64_t hidden) {
     constexpr int64_t elem_bytes = DT == sgf::kFloat32 ? 4 : 2;
     constexpr int64_t group_elems = kBlockElems * kGroupBlocks;
-    Partial row = zero_partial();
+    Totals row;
+    zero_totals(row);
     int64_t start = 0;
     for (; start + group_elems <= hidden; start += group_elems) {
-        Partial group = zero_partial();
+        Totals group;
+        zero_totals(group);
         for (int blk = 0; blk < kGroupBlocks; ++blk) {
             const int64_t offset = (start + blk * kBlockElems) * elem_bytes;
             block_into<DT>(group, a + offset, b + offset, kBlockVectors);
         }
-        add_into(row, group);
+        add_totals(row, group);
     }
     if (start < hidden) {
-        Partial group = zero_partial();
+        Totals group;
+        zero_totals(group);
         for (; start + kLanes <= hidden; start += kBlockElems) {
             const int64_t vectors = std::min<int64_t>(kBlockVectors, (hidden - start) / kLanes);
             block_into<DT>(group, a + start * elem_bytes, b + start * elem_bytes, vectors);
@@ -191,9 +236,9 @@ static RowSums row_sums(const char* a, const char* b, int64_t hidden) {
             std::memcpy(tail_b, b + start * elem_bytes, (hidden - start) * elem_bytes);
             block_into<DT>(group, tail_a, tail_b, 1);
         }
-        add_into(row, group);
+        add_totals(row, group);
     }
-    return RowSums{lane_sum(row.dot), lane_sum(row.sq_in), lane_sum(row.sq_out), lane_sum(row.sq_diff)};
+    return RowSums{lane_sum(row.lanes[0]), lane_sum(row.lanes[1]), lane_sum(row.lanes[2]), lane_sum(row.lanes[3])};
 }
 
 static void rows_to_sums(const RowJob& job, int64_t row_begin, int64_t row_end, RowSums* sums) {
