@@ -134,7 +134,12 @@ class CheckpointShards:
                             raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
                                                  "re-download or re-save the checkpoint")
                         tensor = tensor.to(wanted[name].dtype)
-                    loaded[name] = tensor.to(device)
+                    tensor = tensor.to(device)
+                    if tensor.device.type == "cpu":
+                        # Own the bytes: a view into the shard's mmap would pin every page this shard map touched
+                        # (RSS grew by a third of a block per block until the end of the pass).
+                        tensor = tensor.clone()
+                    loaded[name] = tensor
         return loaded
 
     def _damage_message(self, path: Path, name: str, err: Exception) -> str:
@@ -260,6 +265,22 @@ def choose_activation_tier(needed: int, device, budget: Optional[int]) -> tuple[
 
 # ---- the streamed pass -----------------------------------------------------------------------------------------
 
+def _return_freed_blocks_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB. By default it rises to the size of the largest chunk freed (up to 32 MiB),
+    so once the first block is freed, later blocks' tensors come from the heap and their memory is kept after they
+    are freed: on a 24-layer checkpoint peak RSS grew by 128 MiB instead of the ~40 MiB three blocks take."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # -3 is M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc (musl has no mallopt); its allocator returns large chunks anyway
+
+
 def _skeleton(folder: str, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -336,6 +357,7 @@ def collect_layer_stats_streamed(
         raise StreamingError(f"streamed scoring reads a local checkpoint folder; {model_path} is not one "
                              "(download it first, e.g. with `huggingface-cli download`)")
     started = time.perf_counter()
+    _return_freed_blocks_to_the_os()
     shards = CheckpointShards(folder)
     model = _skeleton(folder, DTYPES[dtype])
     stack = find_block_stack(model)
@@ -417,9 +439,17 @@ def collect_layer_stats_streamed(
     accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
     wanted = [_wanted_tensors(blocks[i], f"{stack.path}.{i}.", root, shards) for i in range(num_layers)]
 
+    # On a GPU the loads go on their own stream, or they would queue behind the compute they are meant to overlap.
+    load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
     def load_block(i: int):
         began = time.perf_counter()
-        tensors = shards.load({k: t for k, (_, t) in wanted[i].items()}, device)
+        if load_stream is None:
+            tensors = shards.load({k: t for k, (_, t) in wanted[i].items()}, device)
+        else:
+            with torch.cuda.stream(load_stream):
+                tensors = shards.load({k: t for k, (_, t) in wanted[i].items()}, device)
+            load_stream.synchronize()  # the block is complete before the compute stream touches it
         return tensors, time.perf_counter() - began
 
     load_seconds = compute_seconds = wait_seconds = 0.0
