@@ -182,6 +182,9 @@ static inline __attribute__((always_inline)) float lane_sum(const float* v) {
 // 8192-wide row stays close to that of torch's cascaded sum, and the tree depends on the hidden size only.
 // (A binary-counter cascade was tried first: its variable-depth merges cost more than the loads they guard.)
 constexpr int kGroupBlocks = 16;
+// Software prefetch 1 KiB ahead in both streams: it lifted single-thread DRAM reads from ~75% to ~95% of an
+// fp32 sum here (512 B and 2-4 KiB did worse). Prefetching past the end of a buffer cannot fault.
+constexpr int64_t kPrefetchBytes = 1024;
 
 template <int DT>
 static inline __attribute__((always_inline)) void block_into(Totals& group, const char* a, const char* b,
@@ -189,6 +192,10 @@ static inline __attribute__((always_inline)) void block_into(Totals& group, cons
     constexpr int64_t elem_bytes = DT == sgf::kFloat32 ? 4 : 2;
     Partial block = zero_partial();
     if (vectors == kBlockVectors) {
+        for (int64_t line = 0; line < kBlockElems * elem_bytes; line += 64) {
+            __builtin_prefetch(a + kPrefetchBytes + line);
+            __builtin_prefetch(b + kPrefetchBytes + line);
+        }
 #pragma GCC unroll 8
         for (int v = 0; v < kBlockVectors; ++v) {
             accumulate_vector(block, load16<DT>(a + v * kLanes * elem_bytes), load16<DT>(b + v * kLanes * elem_bytes));
