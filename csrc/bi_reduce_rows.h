@@ -1,7 +1,8 @@
 // Per-row sums for the fused BI reduction, written once with GCC vector extensions and compiled several times
 // by csrc/bi_reduce.cpp, each time inside a different `#pragma GCC target` region and namespace. The logical
 // vector is 16 floats on every ISA (one zmm, two ymm or four xmm), so the summation tree depends only on the
-// hidden size: AVX-512 and AVX2 builds give the same bits, and the thread count never enters.
+// hidden size, never on the thread count. The AVX-512 and AVX2 builds run the same tree with fused
+// multiply-adds (same bits expected, not verified on AVX-512 hardware); the portable build does not fuse.
 //
 // Deliberately no include guard: each inclusion is a separate ISA build.
 // Expected from the includer: <cstring>, <cstdint>, <immintrin.h>, BI_ROWS_AVX2 (1 where AVX2 and F16C
