@@ -120,13 +120,17 @@ constexpr double kEps = 1e-12;
 static inline RowTerms terms_from_sums(const RowSums& s) {
     double norm_in = std::sqrt(double(s.sq_in));
     double norm_out = std::sqrt(double(s.sq_out));
-    double denom = norm_in * norm_out;
-    if (denom < kEps) denom = kEps;
-    double cos = double(s.dot) / denom;
+    double norm_diff = std::sqrt(double(s.sq_diff));
+    double raw_denom = norm_in * norm_out;
+    double denom = raw_denom < kEps ? kEps : raw_denom;
+    // Law of cosines instead of dot/denom: nearly parallel rows would lose 1 - cos to float32 cancellation.
+    double gap = std::fabs(norm_in - norm_out);
+    double cos = raw_denom < kEps ? double(s.dot) / denom
+                                  : 1.0 - (norm_diff - gap) * (norm_diff + gap) / (2.0 * denom);
     if (cos < -1.0) cos = -1.0;
     if (cos > 1.0) cos = 1.0;
     double out_floor = norm_out < kEps ? kEps : norm_out;
-    return RowTerms{1.0 - cos, std::acos(cos) / M_PI, std::sqrt(double(s.sq_diff)) / out_floor};
+    return RowTerms{1.0 - cos, std::acos(cos) / M_PI, norm_diff / out_floor};
 }
 
 static void check_offsets(const int64_t* offsets, int64_t num_seqs, int64_t tokens) {

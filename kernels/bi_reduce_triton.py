@@ -106,9 +106,12 @@ if triton is not None:
         norm_out = tl.sqrt(_row_total(sq_out, LOG2_LANES).to(tl.float64))
         norm_diff = tl.sqrt(_row_total(sq_diff, LOG2_LANES).to(tl.float64))
         # Comparisons rather than maximum/minimum, so NaN in a valid row propagates as in the torch backend.
-        denom = norm_in * norm_out
-        denom = tl.where(denom < EPS_, EPS_, denom)
-        cos = dot64 / denom
+        raw_denom = norm_in * norm_out
+        denom = tl.where(raw_denom < EPS_, EPS_, raw_denom)
+        # Law of cosines instead of dot/denom: nearly parallel rows would lose 1 - cos to float32 cancellation.
+        gap = tl.abs(norm_in - norm_out)
+        cos = tl.where(raw_denom < EPS_, dot64 / denom,
+                       1.0 - (norm_diff - gap) * (norm_diff + gap) / (2.0 * denom))
         cos = tl.where(cos < -1.0, -1.0, cos)
         cos = tl.where(cos > 1.0, 1.0, cos)
         one_minus_cos = 1.0 - cos

@@ -15,7 +15,9 @@ token equally across batches and let the bootstrap resample whole sequences.
 Conventions every backend must follow exactly:
 - dot products and squared norms are accumulated in float32 per row; sums across rows in float64, in row order,
   so the result does not depend on thread count or launch configuration;
-- cos = dot / max(‖x_in‖·‖x_out‖, EPS), clamped to [-1, 1]: a zero-norm row gives cos = 0, i.e. BI term 1;
+- 1 - cos = (‖x_out - x_in‖² - (‖x_in‖ - ‖x_out‖)²) / (2‖x_in‖‖x_out‖) (the law of cosines, free of the
+  cancellation that dot/(‖a‖‖b‖) suffers when the vectors are nearly parallel), cos clamped to [-1, 1];
+  a row with ‖x_in‖·‖x_out‖ < EPS uses cos = dot / EPS, i.e. 0 for a zero row: BI term 1;
 - rel_magnitude = ‖x_out - x_in‖ / max(‖x_out‖, EPS);
 - masked rows contribute nothing, even when they hold NaN;
 - a sequence with no valid row gives zeros.
@@ -137,9 +139,17 @@ def _finish(per_row: torch.Tensor, inputs: BIReduceInputs) -> torch.Tensor:
 
 def _per_row_terms(dot, sq_in, sq_out, sq_diff, valid) -> torch.Tensor:
     dot, sq_in, sq_out, sq_diff = (t.to(torch.float64) for t in (dot, sq_in, sq_out, sq_diff))
-    denom = torch.clamp(torch.sqrt(sq_in) * torch.sqrt(sq_out), min=EPS)
-    cos = torch.clamp(dot / denom, -1.0, 1.0)
-    rel = torch.sqrt(sq_diff) / torch.clamp(torch.sqrt(sq_out), min=EPS)
+    norm_in, norm_out, norm_diff = torch.sqrt(sq_in), torch.sqrt(sq_out), torch.sqrt(sq_diff)
+    raw_denom = norm_in * norm_out
+    denom = torch.clamp(raw_denom, min=EPS)
+    # Law of cosines: 2|a||b|(1 - cos) = |b-a|^2 - (|a|-|b|)^2. Adjacent residual-stream states are nearly
+    # parallel, so dot/(|a||b|) loses most float32 digits of 1 - cos to cancellation; |b-a| is summed from
+    # the differences themselves and keeps them. Zero-norm rows keep the dot-product convention (cos = 0).
+    gap = (norm_in - norm_out).abs()
+    one_minus_cos_law = (norm_diff - gap) * (norm_diff + gap) / (2.0 * denom)
+    cos = torch.where(raw_denom < EPS, dot / denom, 1.0 - one_minus_cos_law)
+    cos = torch.clamp(cos, -1.0, 1.0)
+    rel = norm_diff / torch.clamp(norm_out, min=EPS)
     return torch.stack([valid.to(torch.float64), 1.0 - cos, torch.arccos(cos) / math.pi, rel], dim=1)
 
 
