@@ -31,8 +31,10 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 512, stride: int = 
     total_nll = 0.0
     counted = 0
     prev_end = 0
-    starts = list(range(0, ids.numel() - 1, stride))
-    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+    begin = 0
+    windows = max(1, math.ceil((ids.numel() - window) / stride) + 1)
+    bar = tqdm(total=windows, desc="perplexity", unit="window", disable=not progress)
+    while prev_end < ids.numel():
         end = min(begin + window, ids.numel())
         chunk = ids[begin:end].to(device)[None]
         logits = model(input_ids=chunk, use_cache=False).logits.float()
@@ -43,8 +45,10 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 512, stride: int = 
         total_nll += float(F.cross_entropy(preds, targets, reduction="sum"))
         counted += targets.numel()
         prev_end = end
-        if end == ids.numel():
-            break
+        # Keep at least one token of overlap, or the first token of the next window would go unscored.
+        begin = min(begin + stride, prev_end - 1)
+        bar.update(1)
+    bar.close()
     nll = total_nll / counted
     return {"ppl": math.exp(nll), "nll": nll, "tokens": counted, "window": window, "stride": stride}
 
