@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -198,19 +197,12 @@ def _select_layers(args, num_layers: int, scores=None, report: Optional[dict] = 
 
 
 def cmd_prune(args) -> int:
-    from .models.loading import resolve_model_path
-
     out_dir = Path(args.out_dir)
     _check_out_dir(out_dir)
     scores = None
     report = None
     if args.layers:
-        config = json.loads((Path(resolve_model_path(args.model)) / "config.json").read_text()) \
-            if _is_folder_or_alias(args.model) else None
-        from .models.config_surgery import layer_count
-
-        num_layers = layer_count(config) if config else _hub_layer_count(args.model)
-        layers = _select_layers(args, num_layers)
+        layers = _select_layers(args, _layer_count_of(args.model))
         metric = "manual"
     elif args.report:
         report = _read_report(args.report)
@@ -227,18 +219,14 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _is_folder_or_alias(model: str) -> bool:
-    from .models.loading import is_local_checkpoint
-
-    return is_local_checkpoint(model)
-
-
-def _hub_layer_count(model: str) -> int:
+def _layer_count_of(model: str) -> int:
+    """The layer count from the config alone, without loading weights (local folder, alias or hub id)."""
     from transformers import AutoConfig
 
     from .models.config_surgery import layer_count
+    from .models.loading import resolve_model_path
 
-    return layer_count(AutoConfig.from_pretrained(model).to_dict())
+    return layer_count(AutoConfig.from_pretrained(resolve_model_path(model)).to_dict())
 
 
 def _read_report(path: str) -> dict:
@@ -308,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_subcommand(sub)
     add_compare_subcommand(sub)
+    from .evaluation.heal import add_heal_subcommand
+
+    add_heal_subcommand(sub)
     return parser
 
 

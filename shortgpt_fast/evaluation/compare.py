@@ -11,7 +11,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .run import (add_evaluation_flags, check_inputs_early, evaluate, evaluate_kwargs_from_args)
 
