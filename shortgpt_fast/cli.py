@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.heal import add_heal_subcommand
 
     add_heal_subcommand(sub)
+    from .models.support_matrix import add_archs_subcommand
+
+    add_archs_subcommand(sub)
     return parser
 
 
