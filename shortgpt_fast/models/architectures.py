@@ -100,7 +100,11 @@ def find_block_stack(model: nn.Module) -> BlockStack:
     for path in paths:
         obj = _get_path(model, path)
         if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return BlockStack(path, obj, arch.family if arch else "generic", guessed=arch is None)
+            # An entry's own index attributes come first, but the common names still apply: blocks nest modules
+            # from several code bases (a Mamba mixer's `layer_idx` inside an otherwise custom block).
+            attrs = tuple(dict.fromkeys((arch.index_attributes if arch else ()) + _COMMON_INDEX_ATTRS))
+            return BlockStack(path, obj, arch.family if arch else "generic", guessed=arch is None,
+                              index_attributes=attrs)
     found = _largest_identical_modulelist(model)
     if found is not None and len(found[1]) > 1:
         name, blocks = found

@@ -352,17 +352,31 @@ def format_table(results: list[FamilyResult]) -> str:
     return "\n".join(lines)
 
 
+TABLE_START = "<!-- archs:table:start -->"
+TABLE_END = "<!-- archs:table:end -->"
+
+
 def readme_table(readme_text: str) -> str:
-    """The table between the README's archs markers (without the markers)."""
-    start, end = readme_text.index(README_START), readme_text.index(README_END)
-    section = readme_text[start + len(README_START):end]
-    # Only the generated block is compared; the prose around it (how to add an entry) is free text.
-    return section.split("<!-- archs:table:start -->")[1].split("<!-- archs:table:end -->")[0].strip()
+    """The generated table inside the README's archs section; the prose around it is free text."""
+    section = readme_text[readme_text.index(README_START) + len(README_START):readme_text.index(README_END)]
+    return section[section.index(TABLE_START) + len(TABLE_START):section.index(TABLE_END)].strip()
+
+
+def with_readme_table(readme_text: str, table: str) -> str:
+    head, rest = readme_text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}"
 
 
 def _run_archs_command(args: argparse.Namespace) -> int:
     results = run_all(args.family or None)
-    print(format_table(results))
+    table = format_table(results)
+    print(table)
+    if args.write_readme:
+        if args.family:
+            raise ValueError("--write-readme records the whole matrix; drop --family")
+        path = Path(args.write_readme)
+        path.write_text(with_readme_table(path.read_text(), table))
     return 0
 
 
@@ -373,5 +387,6 @@ def add_archs_subcommand(subparsers) -> argparse.ArgumentParser:
                     "pipeline on it; each cell is ✔ or the reason that step failed.")
     p.add_argument("--family", action="append", choices=sorted(FAMILIES),
                    help="only this family (repeatable); default: all")
+    p.add_argument("--write-readme", metavar="README", help="also replace the table between the archs markers")
     p.set_defaults(func=_run_archs_command)
     return p
