@@ -109,7 +109,8 @@ def _sparse_moe_dense_layers(cfg: dict, num_layers: int) -> list[int] | None:
     it as an explicit `mlp_only_layers` list with step 1.
     """
     step = cfg.get("decoder_sparse_step")
-    if not isinstance(step, int) or step <= 1 or not cfg.get("num_experts"):
+    # Qwen2-MoE names the expert count `num_experts`; Qwen3-MoE in transformers 5 names it `num_local_experts`.
+    if not isinstance(step, int) or step <= 1 or not (cfg.get("num_experts") or cfg.get("num_local_experts")):
         return None
     only = set(cfg.get("mlp_only_layers") or [])
     return [i for i in range(num_layers) if i in only or (i + 1) % step != 0]

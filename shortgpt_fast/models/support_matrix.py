@@ -34,7 +34,9 @@ class Family:
     # Encoder-only families are scored and cut, but have no generate() and no next-token logits.
     generative: bool = True
     model_class: Optional[str] = None  # transformers class name when AutoModelForCausalLM is not the right one
-    notes: str = ""
+    # Layers to remove instead of the BI pick. Random weights make that pick arbitrary, often the tail, which would
+    # leave the per-layer config rewrite (MoE patterns, leading-dense counts) untested.
+    remove: Optional[tuple[int, ...]] = None
 
 
 def _llama():
@@ -174,8 +176,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("opt", _opt),
     Family("falcon", _falcon),
     Family("mixtral", _mixtral),
-    Family("qwen3_moe", _qwen3_moe),
-    Family("deepseek_v3", _deepseek_v3),
+    Family("qwen3_moe", _qwen3_moe, remove=(0, 3)),
+    Family("deepseek_v3", _deepseek_v3, remove=(1, 3)),
     Family("mamba", _mamba),
     Family("rwkv", _rwkv),
     Family("bert", _bert, generative=False, model_class="BertForMaskedLM"),
@@ -291,7 +293,7 @@ def run_family(family: Family, workdir: Optional[Path] = None) -> FamilyResult:
             raise AssertionError(f"in memory {state['ranking']} != streamed {state['streamed_ranking']}")
 
     def prune():
-        result.removed = sorted(state["ranking"][:REMOVE])
+        result.removed = sorted(family.remove or state["ranking"][:REMOVE])
         prune_model(state["model"], result.removed)
         state["pruned_logits"] = _logits(state["model"], ids)
 
