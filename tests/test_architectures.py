@@ -70,7 +70,11 @@ def test_family_through_the_whole_path(family):
 
 def test_readme_table_equals_the_measured_table():
     table = support_matrix.format_table([measured(name) for name in FAMILIES])
-    assert support_matrix.readme_table(README.read_text()) == table, (
+    in_readme = support_matrix.readme_table(README.read_text())
+    # The first line names the versions the README was generated with; a newer transformers that gives the same
+    # rows keeps the table true, so only the rows must agree.
+    assert in_readme.splitlines()[0].startswith("Measured with transformers ")
+    assert in_readme.splitlines()[1:] == table.splitlines()[1:], (
         "README's architecture table is stale; regenerate it with `shortgpt-fast archs --write-readme README.md`")
 
 
