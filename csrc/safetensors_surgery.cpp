@@ -48,8 +48,27 @@ struct OsError : std::runtime_error {
     throw OsError(what + " " + path + ": " + std::strerror(errno));
 }
 
+// Tensor names come from untrusted headers; control characters in them would break the one-line error contract.
+std::string printable(const std::string& text) {
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    out.reserve(text.size());
+    for (unsigned char c : text) {
+        if (c == '\n') {
+            out += "\\n";
+        } else if (c < 0x20 || c == 0x7f) {
+            out += "\\x";
+            out += hex[c >> 4];
+            out += hex[c & 15];
+        } else {
+            out += static_cast<char>(c);
+        }
+    }
+    return out;
+}
+
 [[noreturn]] void throw_format(const std::string& path, const std::string& why) {
-    throw SafetensorsFormatError(path + ": " + why);
+    throw SafetensorsFormatError(printable(path + ": " + why));
 }
 
 // Bits per element. Sub-byte float formats exist in safetensors >= 0.6, so sizes are computed in bits.

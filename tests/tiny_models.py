@@ -38,3 +38,14 @@ TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen3": tiny_qwen3}
 def random_ids(samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (samples, seq_len), generator=gen)
+
+
+def tiny_llama_real_vocab(tokenizer, num_layers: int = 4, hidden_size: int = 40, intermediate_size: int = 72,
+                          seed: int = 0, **config_overrides):
+    """A tiny random Llama over the real SmolLM2 vocabulary, so real text, generate() and saving work quickly."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         architectures=["LlamaForCausalLM"], **config_overrides)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -8,7 +8,6 @@ step, either PASS or the one-line reason it failed; a step whose prerequisite fa
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
 import tempfile
 import warnings
