@@ -5,6 +5,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # only the fuzz tests need it, and they import it themselves
+    _hypothesis_settings = None
+if _hypothesis_settings is not None:
+    # The same examples on every run: CI must not pass or fail by the luck of the draw.
+    _hypothesis_settings.register_profile("deterministic", derandomize=True, print_blob=True)
+    _hypothesis_settings.load_profile("deterministic")
+
 
 @pytest.fixture(scope="session")
 def smollm2():
