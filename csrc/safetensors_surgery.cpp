@@ -8,9 +8,11 @@
 #include <pybind11/stl.h>
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -382,6 +384,83 @@ void fsync_or_throw(int fd, const std::string& path) {
     if (::fsync(fd) != 0) throw_os("cannot fsync", path);
 }
 
+// Remove byte ranges from a file without moving the bytes around them, with FALLOC_FL_COLLAPSE_RANGE (ext4, XFS):
+// the filesystem drops whole blocks from the extent map, so the cost does not grow with the data after the hole.
+// Collapse needs a block-aligned offset and length; a hole whose length is a multiple of the block size but whose
+// start is not is handled by first copying the (< 1 block) tail of the kept data before it into the end of the hole,
+// then collapsing from the block boundary. Holes are removed last to first, so earlier offsets stay valid, and each
+// removal shrinks the file, so the file size alone tells how many removals a killed run completed: rerunning the
+// same call resumes exactly where it stopped.
+void remove_ranges(const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& holes,
+                   uint64_t original_size) {
+    Fd f(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    if (f.fd < 0) throw_os("cannot open", path);
+    struct statfs fs;
+    if (::fstatfs(f.fd, &fs) != 0) throw_os("cannot statfs", path);
+    const uint64_t block = static_cast<uint64_t>(fs.f_bsize);
+    // size_before[i]: the file size just before hole i (counting from the end) is removed.
+    std::vector<uint64_t> size_before(holes.size());
+    uint64_t size = original_size, prev_start = original_size;
+    for (size_t k = holes.size(); k-- > 0;) {
+        auto [start, end] = holes[k];
+        if (!(start < end && end <= prev_start))
+            throw std::invalid_argument(path + ": ranges to remove must be non-empty, sorted and disjoint");
+        if (end != size && (end - start) % block != 0)
+            throw std::invalid_argument(path + ": range length " + std::to_string(end - start) +
+                                        " is not a multiple of the filesystem block (" + std::to_string(block) + ")");
+        size_before[k] = size;
+        size -= end - start;
+        prev_start = start;
+    }
+    struct stat st;
+    if (::fstat(f.fd, &st) != 0) throw_os("cannot stat", path);
+    uint64_t current = static_cast<uint64_t>(st.st_size);
+    if (current != size && std::find(size_before.begin(), size_before.end(), current) == size_before.end())
+        throw_format(path, "is " + std::to_string(current) + " bytes, which matches no step of this cut; it was "
+                                                             "changed outside the cut");
+    std::vector<char> tail(block);
+    for (size_t k = holes.size(); k-- > 0;) {
+        if (current != size_before[k]) continue;  // removed by an earlier, interrupted run
+        auto [start, end] = holes[k];
+        if (end == current) {
+            if (::ftruncate(f.fd, static_cast<off_t>(start)) != 0) throw_os("cannot truncate", path);
+        } else {
+            uint64_t aligned = start - start % block, shift = start - aligned;
+            if (shift > 0) {
+                // The tail goes into the part of the hole that survives the collapse; repeating it is harmless.
+                pread_all(f.fd, tail.data(), shift, aligned, path);
+                pwrite_all(f.fd, tail.data(), shift, end - shift, path);
+                count_write();
+                if (::fdatasync(f.fd) != 0) throw_os("cannot fsync", path);
+            }
+            if (::fallocate(f.fd, FALLOC_FL_COLLAPSE_RANGE, static_cast<off_t>(aligned),
+                            static_cast<off_t>(end - start)) != 0)
+                throw_os("cannot collapse a byte range of", path);
+        }
+        fsync_or_throw(f.fd, path);
+        count_write();
+        current -= holes[k].second - holes[k].first;
+    }
+}
+
+// Whether `directory`'s filesystem can collapse ranges, and its block size; probed on a scratch file because
+// support depends on the filesystem and mount, not the kernel alone.
+std::pair<bool, uint64_t> collapse_support(const std::string& directory) {
+    std::string probe = directory + "/.shortgpt_fast-collapse-probe";
+    Fd f(::open(probe.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    if (f.fd < 0) throw_os("cannot create", probe);
+    struct statfs fs;
+    bool ok = ::fstatfs(f.fd, &fs) == 0;
+    uint64_t block = ok ? static_cast<uint64_t>(fs.f_bsize) : 0;
+    if (ok) {
+        std::vector<char> zeros(3 * block, 0);
+        ok = ::pwrite(f.fd, zeros.data(), zeros.size(), 0) == static_cast<ssize_t>(zeros.size()) &&
+             ::fallocate(f.fd, FALLOC_FL_COLLAPSE_RANGE, static_cast<off_t>(block), static_cast<off_t>(block)) == 0;
+    }
+    ::unlink(probe.c_str());
+    return {ok, block};
+}
+
 py::dict header_to_python(const ParsedHeader& h) {
     py::dict d;
     d["header_len"] = h.header_len;
@@ -531,4 +610,22 @@ void register_safetensors_surgery(py::module_& m) {
         },
         py::arg("path"), py::arg("header"), py::arg("expected_header_len"),
         "Overwrite a file's header in place (same length, so the data section stays where it is) and fsync it.");
+
+    m.def(
+        "safetensors_remove_ranges",
+        [](const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& holes, uint64_t original_size) {
+            py::gil_scoped_release release;
+            remove_ranges(path, holes, original_size);
+        },
+        py::arg("path"), py::arg("ranges"), py::arg("original_size"),
+        "Remove sorted, disjoint [start, end) byte ranges from a file in place (collapse-range; a range ending at EOF "
+        "is truncated). Resumable: rerunning after a kill finishes the job.");
+
+    m.def(
+        "collapse_range_support",
+        [](const std::string& directory) {
+            py::gil_scoped_release release;
+            return collapse_support(directory);
+        },
+        py::arg("directory"), "(supported, block size) of FALLOC_FL_COLLAPSE_RANGE on the filesystem of `directory`.");
 }

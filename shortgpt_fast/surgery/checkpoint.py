@@ -73,6 +73,7 @@ class ShardPlan:
     # "header": only names change and the header still fits, so the data stays where it is.
     # "compact": tensors were dropped (or the header grew), so the kept bytes are written to a new file.
     # "drop": nothing kept.
+    # "collapse": as compact, but in place: the dropped byte ranges are cut out of the file itself.
     kind: str
     header: str = ""
     old_header_len: int = 0
@@ -80,6 +81,10 @@ class ShardPlan:
     old_header_sha256: str = ""
     new_header_sha256: str = ""
     final_size: int = 0
+    # In-place only, kind "collapse": [start, end) byte ranges of dropped data that the filesystem removes from the
+    # file (collapse-range), so the kept bytes never move; source_size is the file's size before any removal.
+    holes: list[list[int]] = field(default_factory=list)
+    source_size: int = 0
 
 
 @dataclass
@@ -535,6 +540,9 @@ def _refuse_shared_files(src: Path, plan: Plan) -> None:
 
 def _apply_shard_in_place(src: Path, shard: ShardPlan, copy_method: str) -> int:
     source, target = src / shard.source, src / shard.target
+    if shard.kind == "collapse":
+        _collapse_shard_in_place(src, shard)
+        return 0
     if shard.kind == "header":
         # The data region is never written in this mode, so rewriting the header is always safe to repeat, whether
         # the last attempt finished, never started, or was torn halfway.
@@ -578,6 +586,65 @@ def _apply_shard_in_place(src: Path, shard: ShardPlan, copy_method: str) -> int:
     return 0
 
 
+def _plan_collapses(src: Path, plan: Plan) -> None:
+    """Turn compact shards into collapse shards where the filesystem can cut the dropped bytes out in place.
+
+    Rebuilding a compacted shard rewrites every byte kept after the first dropped tensor; collapsing costs a few
+    metadata updates whatever the shard size. It applies when the header keeps its length (so the data stays put),
+    the kept tensors keep their order, and each interior hole is a whole number of filesystem blocks, which real
+    checkpoints meet because layer tensors are multiples of 4 KiB (e.g. 4096 x 4096 bf16). Anything else, or a
+    filesystem without collapse-range (tmpfs, NFS, btrfs), keeps the rebuild.
+    """
+    candidates = [s for s in plan.shards if s.kind == "compact" and len(s.header.encode("utf-8")) == s.old_header_len]
+    if not candidates:
+        return
+    supported, block = _C.collapse_range_support(str(src))
+    if not supported:
+        return
+    for shard in candidates:
+        if (src / shard.source).is_symlink() or (src / shard.source).stat().st_nlink > 1:
+            continue  # cutting it in place would change the linked copy too; the rebuild writes a new inode
+        size = (src / shard.source).stat().st_size
+        holes, cursor = [], 8 + shard.old_header_len
+        for start, length in shard.runs:
+            if start < cursor:
+                break  # kept tensors change order; only a rebuild can do that
+            if start > cursor:
+                holes.append([cursor, start])
+            cursor = start + length
+        else:
+            if cursor < size:
+                holes.append([cursor, size])
+            if holes and all((e - b) % block == 0 for b, e in holes if e != size):
+                shard.kind, shard.holes, shard.source_size = "collapse", holes, size
+
+
+def _collapse_shard_in_place(src: Path, shard: ShardPlan) -> None:
+    source, target = src / shard.source, src / shard.target
+    path = source if source.exists() else target
+    if not path.exists():
+        raise SurgeryError(f"neither {source} nor {target} exists; the checkpoint lost a shard outside this tool. "
+                           "Restore it from the original download")
+    new_len = len(shard.header.encode("utf-8"))
+    finished = path.stat().st_size == shard.final_size and \
+        _header_region_sha256(path, new_len) == shard.new_header_sha256
+    if not finished:
+        # The old header stays intact until every range is gone, so it still proves the file is ours to cut (a
+        # header write torn by a kill leaves the file at its final size, where the header is simply written again).
+        if path.stat().st_size != shard.final_size and \
+                _header_region_sha256(path, shard.old_header_len) != shard.old_header_sha256:
+            raise SurgeryError(f"{path} no longer matches the header recorded in {src / JOURNAL_NAME}; it was "
+                               "changed outside the cut. Restore it from the original download and rerun")
+        try:
+            _C.safetensors_remove_ranges(str(path), [tuple(h) for h in shard.holes], shard.source_size)
+            _C.safetensors_overwrite_header(str(path), shard.header.encode("utf-8"), shard.old_header_len)
+        except (ValueError, OSError) as e:
+            raise SurgeryError(f"{e}; rerun the same command to finish the cut") from None
+    if path != target:
+        os.rename(path, target)
+        _fsync_dir(src)
+
+
 def _cut_in_place(src: Path, layers, verify: bool, copy_method: str) -> tuple[Plan, int, int, bool]:
     journal_path = src / JOURNAL_NAME
     resumed = journal_path.exists()
@@ -596,6 +663,8 @@ def _cut_in_place(src: Path, layers, verify: bool, copy_method: str) -> tuple[Pl
     else:
         plan = build_plan(src, layers)
         _refuse_shared_files(src, plan)
+        if copy_method == "auto":
+            _plan_collapses(src, plan)
         if verify:
             plan.tensor_digests = _source_digests(src, plan)
         _write_durable(journal_path, json.dumps({"version": JOURNAL_VERSION, "plan": plan.to_json()}).encode())
