@@ -390,10 +390,11 @@ def _write_durable(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_shard(src_file: Path, dst_file: Path, shard: ShardPlan, copy_method: str) -> tuple[int, str]:
+def _write_shard(src_file: Path, dst_file: Path, shard: ShardPlan, copy_method: str,
+                 fsync: bool = True) -> tuple[int, str]:
     try:
         return _C.safetensors_write_shard(str(src_file), str(dst_file), shard.header.encode("utf-8"),
-                                          [tuple(r) for r in shard.runs], shard.kind == "header", copy_method, True)
+                                          [tuple(r) for r in shard.runs], shard.kind == "header", copy_method, fsync)
     except (ValueError, OSError) as e:
         raise SurgeryError(f"{e}; nothing in the source was changed by this step, rerun once the cause is fixed") \
             from None
@@ -486,7 +487,8 @@ def _cut_copy(src: Path, out: Path, plan: Plan, verify: bool, copy_method: str) 
         for shard in plan.shards:
             if shard.kind == "drop":
                 continue
-            n, method = _write_shard(src / shard.source, staging / shard.target, shard, copy_method)
+            # Made durable all together below, before the staging folder is renamed into place.
+            n, method = _write_shard(src / shard.source, staging / shard.target, shard, copy_method, fsync=False)
             copied += n
             written += 1
             methods.add(method)
@@ -499,7 +501,11 @@ def _cut_copy(src: Path, out: Path, plan: Plan, verify: bool, copy_method: str) 
         (staging / MODEL_CARD_NAME).write_text(plan.model_card_text, encoding="utf-8")
         if verify:
             _verify(staging, plan, _source_digests(src, plan))
-        for small in (INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME):
+        for shard in plan.shards:
+            if shard.kind != "drop":
+                with open(staging / shard.target, "rb") as f:
+                    os.fsync(f.fileno())
+        for small in (INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME, *other):
             if (staging / small).exists():
                 with open(staging / small, "rb") as f:
                     os.fsync(f.fileno())
