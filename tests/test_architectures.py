@@ -14,20 +14,9 @@ from shortgpt_fast.models.support_matrix import FAMILIES, NOT_APPLICABLE, PASS, 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-_MOE_CONVERSION = ("transformers 5 saves MoE experts one tensor per expert and fuses them on load through its weight "
-                   "conversion mapping; streamed replay loads block tensors by module name without that conversion")
-_TUPLE_BLOCKS = ("the model's forward indexes or unpacks its blocks' tuple output, but the streamed recorder returns "
-                 "a bare tensor, so recording breaks before the last block")
-
 # Steps a family genuinely cannot pass today, with the reason. A listed step that starts passing fails the test
-# too, so this set shrinks as soon as a fix lands instead of hiding it.
-EXPECTED_FAILURES: dict[tuple[str, str], str] = {
-    ("mixtral", "streamed"): _MOE_CONVERSION,
-    ("qwen3_moe", "streamed"): _MOE_CONVERSION,
-    ("deepseek_v3", "streamed"): _MOE_CONVERSION,
-    ("falcon", "streamed"): _TUPLE_BLOCKS,
-    ("rwkv", "streamed"): _TUPLE_BLOCKS,
-}
+# too, so this set shrinks as soon as a fix lands instead of hiding it. Every family passes every step today.
+EXPECTED_FAILURES: dict[tuple[str, str], str] = {}
 # The ranking comparison needs a streamed ranking; it fails exactly where streaming does.
 EXPECTED_FAILURES.update({(family, "same ranking"): "needs streamed" for family, step in list(EXPECTED_FAILURES)
                           if step == "streamed"})

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig, RwkvConfig
 
 from shortgpt_fast import api
 from shortgpt_fast.data.calibration import from_tensors
+from shortgpt_fast.models import support_matrix
 from shortgpt_fast.scoring import streamed
 from shortgpt_fast.scoring.block_influence import collect_layer_stats
 from shortgpt_fast.scoring.report import SCORE_METRICS
@@ -38,7 +39,14 @@ def tiny_gemma2(num_layers: int = 4, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-FAMILIES = dict(TINY_MODELS, mistral=tiny_mistral, gemma2=tiny_gemma2)
+def matrix_model(name: str):
+    return lambda: support_matrix.build_model(support_matrix.FAMILIES[name])
+
+
+# Falcon and RWKV blocks return tuples the model's forward indexes or unpacks; Mixtral, Qwen3-MoE and DeepSeek-V3
+# store one tensor per expert that transformers fuses on load (Qwen3-MoE and DeepSeek-V3 mix dense and MoE layers).
+FAMILIES = dict(TINY_MODELS, mistral=tiny_mistral, gemma2=tiny_gemma2,
+                **{name: matrix_model(name) for name in ("falcon", "rwkv", "mixtral", "qwen3_moe", "deepseek_v3")})
 
 
 def save_sharded(model, folder: Path) -> Path:
@@ -97,6 +105,63 @@ def test_streamed_rankings_identical_through_api(checkpoint):
     assert stream.select("angular_span", 2) == in_memory.select("angular_span", 2)
     torch.testing.assert_close(torch.as_tensor(stream.bi_ci95()), torch.as_tensor(in_memory.bi_ci95()),
                                rtol=1e-7, atol=1e-12)
+
+
+def test_falcon_tuple_blocks_stream_like_in_memory(tmp_path):
+    model = FAMILIES["falcon"]()
+    calib = padded_calibration()
+    outputs = []
+    handle = model.transformer.h[0].register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        model(calib.input_ids[:1])
+    handle.remove()
+    assert isinstance(outputs[0], tuple), "the premise: Falcon's blocks return a tuple, not the hidden state"
+    folder = save_sharded(model, tmp_path / "falcon")
+    expected = collect_layer_stats(model, calib, batch_size=2, angular_span=3, progress=False)
+    got = collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=3, progress=False)
+    assert_same_stats(expected, got)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_experts_fused_on_load_stream_like_in_memory(family, tmp_path):
+    folder = save_sharded(FAMILIES[family](), tmp_path / family)
+    stored = [name for shard in folder.glob("*.safetensors") for name in read_safetensors_header(shard)
+              if not name.startswith("__")]
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    # The premise: the checkpoint keeps one tensor per expert, the loaded model one fused tensor per layer.
+    assert any(".experts.0." in name for name in stored) and not any("gate_up_proj" in name for name in stored)
+    assert any(name.endswith("experts.gate_up_proj") for name, _ in loaded.named_parameters())
+    calib = padded_calibration()
+    expected = collect_layer_stats(loaded, calib, batch_size=2, angular_span=3, progress=False)
+    got = collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=3, progress=False)
+    assert_same_stats(expected, got)
+    in_memory = api.score(loaded, calib, batch_size=2, angular_span=3, progress=False)
+    stream = api.score(str(folder), calib, batch_size=2, angular_span=3, progress=False, streamed=True)
+    for metric in SCORE_METRICS:
+        assert stream.ranking(metric) == in_memory.ranking(metric), metric
+
+
+def test_moe_checkpoint_missing_an_expert_names_the_fused_tensor(tmp_path):
+    folder = save_sharded(FAMILIES["mixtral"](), tmp_path / "mixtral")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {name: shard for name, shard in index["weight_map"].items()
+                           if not name.startswith("model.layers.2.block_sparse_moe.experts.1.")}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(StreamingError, match=r"model\.layers\.2\.mlp\.experts\.gate_up_proj the shape \(2, .*"
+                                             r"expects \(3, .*re-download or re-save it"):
+        collect_layer_stats_streamed(str(folder), padded_calibration(), progress=False)
+
+
+def test_hidden_state_changed_between_blocks_is_refused(tmp_path):
+    # RWKV with rescale_every halves the hidden state between blocks, outside any block, so replaying blocks on
+    # each other's outputs would score inputs the model never sees.
+    torch.manual_seed(0)
+    config = RwkvConfig(vocab_size=VOCAB, hidden_size=40, attention_hidden_size=40, intermediate_size=72,
+                        num_hidden_layers=4, context_length=128, rescale_every=2, pad_token_id=0)
+    folder = save_sharded(AutoModelForCausalLM.from_config(config).eval(), tmp_path / "rwkv")
+    with pytest.raises(StreamingError, match="changes the hidden state between blocks 1 and 2.*drop --streamed"):
+        collect_layer_stats_streamed(str(folder), padded_calibration(), progress=False)
 
 
 def test_bfloat16_streamed_equals_in_memory(tmp_path):

@@ -4,9 +4,11 @@ Scoring needs only the unpruned model's block inputs and outputs, so the forward
 boundaries. The skeleton is built on the meta device; only what runs before block 0 (embeddings, rotary tables) is
 materialised. One forward pass of that skeleton records the exact call every block receives: each block's `forward`
 is temporarily replaced by a recorder, so per-layer inputs such as Qwen3's or Gemma2's sliding-window masks are
-captured too, not only block 0's (NOTES §3). Then, block by block: load its tensors from the safetensors shards, replay
-every recorded call through it, feed the shared `LayerAccumulator`, and drop it. The next block loads in a background
-thread meanwhile, so disk reads overlap compute.
+captured too, not only block 0's (NOTES §3). A recorder returns what a real block returns (a tensor, or a tuple led by
+the hidden state, as Falcon's and RWKV's blocks do), learnt by running block 0 once first. Then, block by block: load
+its tensors from the safetensors shards through transformers' weight conversion mapping (MoE experts are stored one
+tensor per expert and fused on load), replay every recorded call through it, feed the shared `LayerAccumulator`, and
+drop it. The next block loads in a background thread meanwhile, so disk reads overlap compute.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,10 +28,9 @@ import torch
 from torch import nn
 
 from ..data.calibration import CalibrationSet
-from ..models.architectures import checkpoint_layer_prefix, find_block_stack
+from ..models.architectures import find_block_stack
 from ..models.loading import DTYPES, ModelLoadError, resolve_model_path
-from .block_influence import (LayerAccumulator, LayerStats, ScoringError, _forward_kwargs, _StopAfterLastBlock,
-                              batch_layout)
+from .block_influence import LayerAccumulator, LayerStats, ScoringError, _forward_kwargs, batch_layout
 
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -295,42 +297,132 @@ def _skeleton(folder: str, dtype: torch.dtype):
     return model.eval()
 
 
-def _module_root(stack_path: str, ckpt_prefix: str) -> str:
-    """What to prepend to checkpoint names to get module names (a base-model checkpoint lacks the `model.`)."""
-    if stack_path == ckpt_prefix:
-        return ""
-    if stack_path.endswith("." + ckpt_prefix):
-        return stack_path[: -len(ckpt_prefix)]
-    raise StreamingError(f"the checkpoint names its layers {ckpt_prefix}.N but the model holds them at "
-                         f"{stack_path}; streamed scoring cannot map one onto the other")
+class WeightPlan:
+    """Which checkpoint tensors make each model tensor, and how, by transformers' own weight conversion mapping.
+
+    transformers 5 renames some checkpoint names on load (Mixtral's `block_sparse_moe` is `mlp`) and fuses others
+    (MoE experts are stored one tensor per expert and loaded as one `gate_up_proj`/`down_proj` per layer). Streamed
+    loading goes through the same renamings and converters as `from_pretrained`, only one block at a time, so a block
+    holds exactly the weights the loaded model would.
+    """
+
+    def __init__(self, model: nn.Module, shards: CheckpointShards):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                     rename_source_key)
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        self.templates = model.state_dict(keep_vars=True)
+        # Adds or strips the base model's prefix, so a base-model checkpoint loads into a ForCausalLM and back.
+        prefix = model.base_model_prefix
+        # model key -> [(checkpoint name, converter source pattern or None)], grouped as from_pretrained groups them
+        self.sources: dict[str, list[tuple[str, Optional[str]]]] = {}
+        for name in sorted(shards.names(), key=dot_natural_key):
+            key, pattern = rename_source_key(name, renamings, converters, prefix, self.templates)
+            if key not in self.templates and name in self.templates:
+                key, pattern = rename_source_key(name, [], [], prefix, self.templates)
+            if key in self.templates:
+                self.sources.setdefault(key, []).append((name, pattern))
+
+    def _produces(self, key: str) -> list[str]:
+        """Every model key that loading `key`'s sources sets: a one-to-many converter (a fused qkv) sets several."""
+        pattern = self.sources[key][0][1]
+        if pattern is None:
+            return [key]
+        targets = self._converters[pattern].target_patterns
+        return [key.replace(targets[0], t) for t in targets]
+
+    def for_module(self, module: nn.Module, module_prefix: str, skip: tuple[str, ...] = ()) -> dict:
+        """The plan's entries for `module` (named `module_prefix` in the model), less the `skip`ped subtrees."""
+        def skipped(full: str) -> bool:
+            return any(full == s or full.startswith(s + ".") for s in skip)
+
+        entries = {key: sources for key, sources in self.sources.items()
+                   if key.startswith(module_prefix) and not skipped(key)}
+        covered = {k for key in entries for k in self._produces(key)}
+        for name, _ in module.named_parameters():
+            full = module_prefix + name
+            if full not in covered and not skipped(full):
+                raise StreamingError(f"the checkpoint has no tensor for parameter {full}; it may need a newer "
+                                     "transformers, or score this model in memory (drop --streamed)")
+        return entries
+
+    def checkpoint_names(self, entries: dict) -> dict[str, torch.Tensor]:
+        """checkpoint name -> template whose dtype it loads in: that of the model tensor it becomes."""
+        return {name: self.templates[key] for key, sources in entries.items() for name, _ in sources}
+
+    def convert(self, entries: dict, loaded: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Model key -> tensor, from the loaded checkpoint tensors, through the converters from_pretrained uses."""
+        out = {}
+        for key, sources in entries.items():
+            pattern = sources[0][1]
+            if pattern is None:
+                out[key] = loaded[sources[0][0]]  # two names for one tensor: the first wins, as in from_pretrained
+                continue
+            converter = deepcopy(self._converters[pattern])  # it collects tensors, so one instance per target
+            for name, source_pattern in sources:
+                converter.add_tensor(key, name, source_pattern, loaded[name])
+            try:
+                converted = converter.convert(key, model=model, config=model.config)
+            except Exception as err:  # noqa: BLE001 - the ops raise whatever torch raises on mismatched inputs
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise StreamingError(f"cannot build {key} from its {len(sources)} checkpoint tensors ({reason}); the "
+                                     "checkpoint may be incomplete: re-download or re-save it") from None
+            for target, value in converted.items():
+                out[target] = value[0] if isinstance(value, list) else value
+        return out
 
 
-def _wanted_tensors(module: nn.Module, module_prefix: str, root: str, shards: CheckpointShards,
-                    skip: tuple[str, ...] = ()) -> dict[str, tuple[str, torch.Tensor]]:
-    """checkpoint name -> (state-dict key, meta template) for `module`'s parameters and stored buffers."""
-    parameters = {name for name, _ in module.named_parameters()}
-    present = set(shards.weight_map)
-    wanted = {}
-    for key, template in module.state_dict(keep_vars=True).items():
-        full = module_prefix + key
-        if any(full == s or full.startswith(s + ".") for s in skip):
-            continue
-        ckpt = full[len(root):] if full.startswith(root) else None
-        if ckpt is None or ckpt not in present:
-            if key in parameters:
-                raise StreamingError(f"the checkpoint has no tensor {ckpt or full} for parameter {full}")
-            continue  # a buffer the model computes itself
-        wanted[ckpt] = (key, template)
-    return wanted
-
-
-def _materialise(module: nn.Module, wanted: dict, loaded: dict, device) -> None:
-    state = {key: loaded[ckpt] for ckpt, (key, _) in wanted.items()}
-    module.load_state_dict(state, strict=False, assign=True)
+def _materialise(module: nn.Module, module_prefix: str, state: dict[str, torch.Tensor], device) -> None:
+    """Assign `state` (model key -> tensor, all under `module_prefix`) to `module` and move its buffers to `device`."""
+    expected = module.state_dict(keep_vars=True)
+    local = {}
+    for key, tensor in state.items():
+        if not key.startswith(module_prefix):
+            raise StreamingError(f"the weight conversion set {key}, outside {module_prefix.rstrip('.') or 'the model'}"
+                                 "; score this model in memory (drop --streamed)")
+        name = key[len(module_prefix):]
+        if name in expected and expected[name].shape != tensor.shape:
+            raise StreamingError(f"the checkpoint gives {key} the shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(expected[name].shape)}; the checkpoint is incomplete or does not match its "
+                                 "config.json: re-download or re-save it")
+        local[name] = tensor
+    module.load_state_dict(local, strict=False, assign=True)
     for sub in module.modules():
         for name, buf in list(sub._buffers.items()):
             if buf is not None and buf.device.type != "meta" and buf.device != torch.device(device):
                 sub._buffers[name] = buf.to(device)
+
+
+def _output_like(output):
+    """hidden -> what the block returned, with `hidden` in the hidden state's place.
+
+    The model's forward consumes its blocks' output as it is (Falcon indexes `outputs[0]`, RWKV unpacks three
+    values), so a recorder that stands in for a block must return the same structure. The other entries come from a
+    real run of block 0; with the cache off they are Nones or per-call extras the forward only collects.
+    """
+    from transformers.utils import ModelOutput
+
+    if isinstance(output, torch.Tensor):
+        return lambda hidden: hidden
+    if isinstance(output, ModelOutput) and isinstance(output[0], torch.Tensor):
+        first = next(iter(output.keys()))
+        return lambda hidden: type(output)(**{**output, first: hidden})
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        rest = tuple(output[1:])
+        kind = type(output)
+        if kind in (tuple, list):
+            return lambda hidden: kind((hidden, *rest))
+        return lambda hidden: kind(hidden, *rest)  # a namedtuple takes its fields positionally
+    raise StreamingError(f"a block returns {type(output).__name__}, not a tensor or a tuple whose first entry is the "
+                         "hidden state; score this model in memory (drop --streamed)")
+
+
+class _StopAtBlock(Exception):
+    """Raised by a recorder once it has what it was installed for."""
 
 
 @torch.no_grad()
@@ -364,65 +456,117 @@ def collect_layer_stats_streamed(
     blocks = stack.blocks
     num_layers = len(blocks)
     model_type = getattr(model.config, "model_type", None)
-    ckpt_prefix = checkpoint_layer_prefix(shards.names(), num_layers, model_type)
-    root = _module_root(stack.path, ckpt_prefix)
+    plan = WeightPlan(model, shards)
 
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = tuple(name for name, mod in model.named_modules()
                  if output_embeddings is not None and mod is output_embeddings) + (stack.path,)
     # Everything outside the block stack except the output head: the embeddings and whatever the forward needs
     # before block 0. The head is never reached, and for large vocabularies it is the biggest tensor of all.
-    outer = _wanted_tensors(model, "", root, shards, skip=skip)
-    _materialise(model, outer, shards.load({k: t for k, (_, t) in outer.items()}, device), device)
+    outer = plan.for_module(model, "", skip=skip)
+    _materialise(model, "", plan.convert(outer, shards.load(plan.checkpoint_names(outer), device), model), device)
 
-    # ---- record every block's call for every batch --------------------------------------------------------------
+    prefixes = [f"{stack.path}.{i}." for i in range(num_layers)]
+    entries = [plan.for_module(blocks[i], prefixes[i]) for i in range(num_layers)]
+    # On a GPU the loads go on their own stream, or they would queue behind the compute they are meant to overlap.
+    load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def load_block(i: int):
+        began = time.perf_counter()
+        if load_stream is None:
+            tensors = plan.convert(entries[i], shards.load(plan.checkpoint_names(entries[i]), device), model)
+        else:
+            with torch.cuda.stream(load_stream):
+                tensors = plan.convert(entries[i], shards.load(plan.checkpoint_names(entries[i]), device), model)
+            load_stream.synchronize()  # the block is complete before the compute stream touches it
+        return tensors, time.perf_counter() - began
+
     num_seqs = calib.num_sequences
     needs_positions = bool((calib.attention_mask == 0).any())
+    starts = list(range(0, num_seqs, batch_size))
+
+    def run_to_blocks(start: int) -> None:
+        """The model's forward on one batch, until a recorder stops it."""
+        stop = min(start + batch_size, num_seqs)
+        ids = calib.input_ids[start:stop].to(device)
+        mask2d = calib.attention_mask[start:stop].to(device)
+        try:
+            model(**_forward_kwargs(model, ids, mask2d, needs_positions))
+        except _StopAtBlock:
+            return
+        except (RuntimeError, NotImplementedError) as err:
+            if "meta" in str(err):
+                raise StreamingError(
+                    f"{type(model).__name__} ({model_type}) uses weights outside its block stack between "
+                    f"blocks, so its blocks cannot be replayed one at a time: {str(err).splitlines()[0]}") from None
+            raise
+        raise StreamingError(f"the forward pass of {type(model).__name__} never reached its last block "
+                             f"({stack.path}); it cannot be scored streamed")
+
+    # ---- run block 0 once for real, to learn what a block returns -----------------------------------------------
+    probe: dict = {}
+
+    def probe_first_block(*args, **kwargs):
+        probe["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        probe["call"] = (args[1:], kwargs)
+        raise _StopAtBlock
+
+    blocks[0].forward = probe_first_block
+    try:
+        run_to_blocks(starts[0])
+    finally:
+        blocks[0].__dict__.pop("forward", None)
+    tensors, load_seconds = load_block(0)
+    _materialise(blocks[0], prefixes[0], tensors, device)
+    del tensors
+    args, kwargs = probe["call"]
+    like_block_output = _output_like(blocks[0](probe["hidden"], *args, **kwargs))
+    probe.clear()
+    del args, kwargs
+
+    # ---- record every block's call for every batch --------------------------------------------------------------
     calls: list[list] = []  # [batch][layer] -> (args after hidden_states, kwargs)
     layouts = []
     first_hidden = []
     recorded: list = [None] * num_layers
+    passed_on: list = [None]  # the hidden state the last recorder returned
 
     def recorder(layer: int):
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            recorded[layer] = (args[1:], dict(kwargs))
             if layer == 0:
-                recorded_hidden[0] = hidden
+                first_hidden.append(hidden)
+            elif hidden is not passed_on[0] and not torch.equal(hidden, passed_on[0]):
+                # Replay feeds each block the previous block's output; a forward that changes the hidden state
+                # between blocks (RWKV's rescale_every halving) would be scored on inputs the model never sees.
+                raise StreamingError(f"{type(model).__name__} ({model_type}) changes the hidden state between blocks "
+                                     f"{layer - 1} and {layer}, so its blocks cannot be replayed one at a time; score "
+                                     "it in memory (drop --streamed)")
+            recorded[layer] = (args[1:], dict(kwargs))
             if layer == num_layers - 1:
-                raise _StopAfterLastBlock
-            return hidden
+                raise _StopAtBlock
+            passed_on[0] = hidden
+            return like_block_output(hidden)
 
         return forward
 
-    recorded_hidden = [None]
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
-    starts = list(range(0, num_seqs, batch_size))
     try:
         for start in starts:
-            stop = min(start + batch_size, num_seqs)
-            ids = calib.input_ids[start:stop].to(device)
-            mask2d = calib.attention_mask[start:stop].to(device)
-            try:
-                model(**_forward_kwargs(model, ids, mask2d, needs_positions))
-            except _StopAfterLastBlock:
-                pass
-            except (RuntimeError, NotImplementedError) as err:
-                if "meta" in str(err):
-                    raise StreamingError(
-                        f"{type(model).__name__} ({model_type}) uses weights outside its block stack between "
-                        f"blocks, so its blocks cannot be replayed one at a time: {str(err).splitlines()[0]}") from None
-                raise
-            else:
-                raise StreamingError(f"the forward pass of {type(model).__name__} never reached its last block "
-                                     f"({stack.path}); it cannot be scored streamed")
+            before = len(first_hidden)
+            run_to_blocks(start)
+            if len(first_hidden) != before + 1 or any(r is None for r in recorded):
+                raise StreamingError(f"the forward pass of {type(model).__name__} does not call each block of "
+                                     f"{stack.path} once per batch; score it in memory (drop --streamed)")
             calls.append(list(recorded))
-            first_hidden.append(recorded_hidden[0])
-            layouts.append(batch_layout(mask2d, start, device))
+            recorded[:] = [None] * num_layers
+            stop = min(start + batch_size, num_seqs)
+            layouts.append(batch_layout(calib.attention_mask[start:stop].to(device), start, device))
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
+    passed_on[0] = None
 
     hidden_size = first_hidden[0].shape[-1]
     element = first_hidden[0].element_size()
@@ -433,38 +577,25 @@ def collect_layer_stats_streamed(
     store = ActivationStore(tier, device)
     for b, hidden in enumerate(first_hidden):
         store.put(b, hidden)
-    del first_hidden, recorded_hidden[0]
+    first_hidden.clear()
 
     # ---- one block at a time, the next one loading meanwhile --------------------------------------------------
     accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
-    wanted = [_wanted_tensors(blocks[i], f"{stack.path}.{i}.", root, shards) for i in range(num_layers)]
-
-    # On a GPU the loads go on their own stream, or they would queue behind the compute they are meant to overlap.
-    load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def load_block(i: int):
-        began = time.perf_counter()
-        if load_stream is None:
-            tensors = shards.load({k: t for k, (_, t) in wanted[i].items()}, device)
-        else:
-            with torch.cuda.stream(load_stream):
-                tensors = shards.load({k: t for k, (_, t) in wanted[i].items()}, device)
-            load_stream.synchronize()  # the block is complete before the compute stream touches it
-        return tensors, time.perf_counter() - began
-
-    load_seconds = compute_seconds = wait_seconds = 0.0
+    compute_seconds = 0.0
+    wait_seconds = load_seconds  # block 0's load overlapped nothing
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-prefetch")
     try:
-        pending = executor.submit(load_block, 0)
+        pending = executor.submit(load_block, 1) if num_layers > 1 else None
         for i in tqdm(range(num_layers), desc="streamed scoring", unit="block", disable=not progress):
-            waited = time.perf_counter()
-            tensors, seconds = pending.result()
-            wait_seconds += time.perf_counter() - waited
-            load_seconds += seconds
-            if i + 1 < num_layers:
-                pending = executor.submit(load_block, i + 1)
-            _materialise(blocks[i], wanted[i], tensors, device)
-            del tensors
+            if i > 0:  # block 0 is in place since the probe
+                waited = time.perf_counter()
+                tensors, seconds = pending.result()
+                wait_seconds += time.perf_counter() - waited
+                load_seconds += seconds
+                if i + 1 < num_layers:
+                    pending = executor.submit(load_block, i + 1)
+                _materialise(blocks[i], prefixes[i], tensors, device)
+                del tensors
             began = time.perf_counter()
             for b, layout in enumerate(layouts):
                 hidden_in = store.get(b)
