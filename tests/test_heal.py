@@ -92,3 +92,106 @@ def test_too_short_text_is_a_clear_error(tokenizer, tmp_path):
     short.write_text("a few words only " * 3)
     with pytest.raises(EvaluationError, match="lower --seq-len"):
         heal(_tiny(tokenizer), tokenizer, str(short), steps=1, seq_len=256, log=lambda *_: None)
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------------------------
+# Runs the CLI in a fresh process that can die the hard way (SIGKILL: no cleanup, no finally blocks) at a chosen
+# point: right after the checkpoint of step KILL_AFTER_STEP is complete, or after the trainer state of step
+# KILL_MID_WRITE_STEP is written but before its checkpoint folder is renamed into place.
+_RUNNER = """
+import os, signal, sys
+import torch
+from shortgpt_fast.evaluation import heal
+
+after, mid = int(os.environ.get("KILL_AFTER_STEP", 0)), int(os.environ.get("KILL_MID_WRITE_STEP", 0))
+real_checkpoint, real_save = heal._save_checkpoint, torch.save
+
+def checkpoint_then_die(checkpoint_dir, step, *args):
+    path = real_checkpoint(checkpoint_dir, step, *args)
+    if step == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+def save_then_die(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if isinstance(obj, dict) and obj.get("step") == mid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+heal._save_checkpoint, torch.save = checkpoint_then_die, save_then_die
+from shortgpt_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _heal_process(args, **kill):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               **{k.upper(): str(v) for k, v in kill.items()})
+    return subprocess.run([sys.executable, "-c", _RUNNER, "heal", *map(str, args)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_killed_run_resumes_to_the_same_merged_weights(tokenizer, repeated_text, tmp_path):
+    _tiny(tokenizer, seed=3).save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    # Dropout on, so the resumed run is only identical if the global RNG state is restored as well.
+    common = [tmp_path / "pruned", "--data", repeated_text, "--steps", "6", "--rank", "2", "--lr", "1e-2",
+              "--seq-len", "32", "--batch-size", "2", "--ppl-window", "32", "--dropout", "0.1"]
+    base = _heal_process([common[0], tmp_path / "base", *common[1:]])
+    assert base.returncode == 0, base.stderr
+
+    out, checkpoints = tmp_path / "healed", tmp_path / "healed.checkpoints"
+    resumable = [common[0], out, *common[1:], "--save-every", "2"]
+    killed = _heal_process(resumable, kill_after_step=2)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and [p.name for p in checkpoints.iterdir()] == ["step-00000002"]
+    # Without --resume the checkpoint is neither overwritten nor silently reused.
+    refused = _heal_process(resumable)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and refused.stderr.count("\n") == 1
+
+    # Killed again while writing step 4's checkpoint: the half-written folder must not be taken for a checkpoint.
+    killed = _heal_process([*resumable, "--resume"], kill_mid_write_step=4)
+    assert killed.returncode == -9, killed.stderr
+    assert "resuming from" in killed.stdout and "at step 2/6" in killed.stdout
+    assert sorted(p.name for p in checkpoints.iterdir())[-1] == "step-00000002"
+    assert any(p.name.startswith(".partial-step-00000004") for p in checkpoints.iterdir())
+
+    resumed = _heal_process([*resumable, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 2/6" in resumed.stdout
+    assert not checkpoints.exists()  # removed once the merged model is safely written
+
+    # Bit-identical, not merely close: on CPU the same operations on the same values give the same bits, so any
+    # difference would mean some state (adapter, AdamW moments, schedule, RNG, data position) was not restored.
+    expected, got = load_file(tmp_path / "base" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(expected) == set(got)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    base_report, report = (json.loads((d / "heal.json").read_text()) for d in (tmp_path / "base", out))
+    assert report["losses"] == base_report["losses"] and len(report["losses"]) == 6
+    assert report["after"] == base_report["after"] and report["before"] == base_report["before"]
+    assert report["resumed_from_step"] == 2 and base_report["resumed_from_step"] is None
+    # And training really moved the weights, so the equality above is not two untouched copies.
+    original = _tiny(tokenizer, seed=3).state_dict()
+    assert any(not torch.equal(original[k], got[k]) for k in got if k in original)
+
+
+def test_checkpoint_from_other_settings_is_refused(tokenizer, repeated_text, tmp_path):
+    kwargs = dict(rank=2, lr=1e-2, seq_len=32, batch_size=2, ppl_window=32, log=lambda *_: None)
+    checkpoints = tmp_path / "checkpoints"
+    heal(_tiny(tokenizer, seed=4), tokenizer, str(repeated_text), steps=4, checkpoint_dir=checkpoints,
+         save_every=1, **kwargs)
+    assert [p.name for p in checkpoints.iterdir()] == ["step-00000003"]  # older ones dropped, none at the end
+    with pytest.raises(EvaluationError, match="--resume"):
+        heal(_tiny(tokenizer, seed=4), tokenizer, str(repeated_text), steps=4, checkpoint_dir=checkpoints,
+             **kwargs)
+    with pytest.raises(EvaluationError, match="different lr"):
+        heal(_tiny(tokenizer, seed=4), tokenizer, str(repeated_text), steps=4, checkpoint_dir=checkpoints,
+             resume=True, **dict(kwargs, lr=5e-3))
+    with pytest.raises(EvaluationError, match="different steps"):
+        heal(_tiny(tokenizer, seed=4), tokenizer, str(repeated_text), steps=8, checkpoint_dir=checkpoints,
+             resume=True, **kwargs)

