@@ -5,7 +5,7 @@ cuts 25% of its layers every way, and records wall time and peak RSS of each met
 the numbers do not leak into one another. Writes bench/results/surgery.json and surgery.png.
 
     python bench/bench_surgery.py                      # ~1.3 GB checkpoint
-    python bench/bench_surgery.py --hidden 4096 --layers 32 --intermediate 14336 --vocab 128256  # Llama-3-8B, 16 GB
+    python bench/bench_surgery.py --preset llama3-8b --repeats 2 --skip-naive-repeats  # Llama-3-8B, 16 GB
 """
 from __future__ import annotations
 
@@ -140,6 +140,28 @@ def _run_cp(src: Path, dst: Path, then_sync: bool = False) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_imports_mb": 0.0, "peak_rss_growth_mb": peak}
 
 
+def _run_mergekit(mergekit_yaml: str, src: Path, dst: Path, layers: int, removed: list[int], workdir: Path) -> dict:
+    # mergekit's passthrough is the community's way to drop layers without writing code: it decodes every kept
+    # tensor and writes it again. Its slices are half-open layer ranges around the removed block.
+    kept, start = [], 0
+    for i in sorted(removed) + [layers]:
+        if i > start:
+            kept.append((start, i))
+        start = i + 1
+    slices = "".join(f"  - sources:\n      - model: {src}\n        layer_range: [{a}, {b}]\n" for a, b in kept)
+    config = workdir / "mergekit_passthrough.yml"
+    config.write_text(f"slices:\n{slices}merge_method: passthrough\ndtype: bfloat16\n")
+    start_time = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", mergekit_yaml, str(config), str(dst), "--no-copy-tokenizer",
+                           "--quiet"], capture_output=True, text=True)
+    seconds = time.perf_counter() - start_time
+    if proc.returncode != 0:
+        raise RuntimeError(f"mergekit failed: {proc.stderr[-2000:]}")
+    peak = int(proc.stderr.strip().splitlines()[-1]) / 1024
+    return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_imports_mb": 0.0, "peak_rss_growth_mb": peak,
+            "note": "includes mergekit's interpreter and torch start-up (a separate program)"}
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -161,6 +183,8 @@ def run(args) -> dict:
     size = _dir_bytes(src)
     methods = ["cp_r", "cp_r_sync", "cut_copy", "cut_copy_readwrite", "cut_in_place"] + ([] if args.skip_naive else
                                                                             ["load_delete_save"])
+    if args.mergekit:
+        methods.append("mergekit_passthrough")
     results = {m: [] for m in methods}
     for rep in range(args.repeats):
         for method in methods:
@@ -168,8 +192,14 @@ def run(args) -> dict:
             if dst.exists():
                 shutil.rmtree(dst)
             _drop_from_cache(src)
-            if method in ("cp_r", "cp_r_sync"):
+            if method == "mergekit_passthrough":
+                if rep > 0 and args.skip_naive_repeats:
+                    continue
+                r = _run_mergekit(args.mergekit, src, dst, args.layers, removed, workdir)
+            elif method in ("cp_r", "cp_r_sync"):
                 r = _run_cp(src, dst, then_sync=method == "cp_r_sync")
+            elif method == "load_delete_save" and rep > 0 and args.skip_naive_repeats:
+                continue
             elif method == "cut_in_place":
                 shutil.copytree(src, dst)  # the in-place cut edits this copy; the copy itself is not timed
                 _drop_from_cache(dst)
@@ -195,6 +225,9 @@ def run(args) -> dict:
     if "load_delete_save" in best:
         ratios["load_save_over_cut_in_place"] = best["load_delete_save"]["seconds"] / best["cut_in_place"]["seconds"]
         ratios["load_save_over_cut_copy"] = best["load_delete_save"]["seconds"] / best["cut_copy"]["seconds"]
+    if "mergekit_passthrough" in best:
+        ratios["mergekit_over_cut_in_place"] = best["mergekit_passthrough"]["seconds"] / best["cut_in_place"]["seconds"]
+        ratios["mergekit_over_cut_copy"] = best["mergekit_passthrough"]["seconds"] / best["cut_copy"]["seconds"]
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -241,6 +274,11 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# Llama-3-8B: 16 GB of bf16 in ~5 GB shards, as published.
+PRESETS = {"llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, vocab=128256, heads=32, kv_heads=8,
+                             shard_mb=4900)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=2048)
@@ -254,7 +292,14 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-naive", action="store_true", help="skip transformers load -> delete -> save_pretrained")
     p.add_argument("--workdir", help="where to generate the checkpoint (default: a temp dir, removed afterwards)")
     p.add_argument("--out", default=str(RESULTS / "surgery.json"))
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a real model's shape; overrides the size flags")
+    p.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
+                   help="mergekit-yaml executable to time its passthrough merge (default: the one on PATH, if any)")
+    p.add_argument("--skip-naive-repeats", action="store_true",
+                   help="run load/save and mergekit once, not --repeats times (they take minutes at 16 GB)")
     args = p.parse_args(argv)
+    for key, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, key, value)
     report = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

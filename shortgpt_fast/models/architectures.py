@@ -10,9 +10,10 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from torch import nn
+if TYPE_CHECKING:  # checkpoint surgery uses the name patterns here and must not pay torch's import (~200 MB)
+    from torch import nn
 
 
 class ArchitectureError(ValueError):
@@ -80,6 +81,8 @@ class BlockStack:
 
 
 def _largest_identical_modulelist(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
+    from torch import nn
+
     best = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -93,6 +96,8 @@ _warned_guess: set = set()
 
 
 def find_block_stack(model: nn.Module) -> BlockStack:
+    from torch import nn
+
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     arch = architecture_for(model_type)
