@@ -2,6 +2,8 @@
 
 The model is loaded and scored once; each setting prunes a fresh in-memory copy, so nothing is written but the
 results: compare.json, compare.md (scores and retention % of the dense model) and plots against % of layers removed.
+With --quantize every row is evaluated in 4 bits (score -> prune -> quantize: the layers are chosen on the float
+model); --quantize-order instead runs the paper's Table 5, both orders of quantizing and pruning at one ratio.
 """
 from __future__ import annotations
 
@@ -13,10 +15,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from typing import Optional
+
+from .quantize import METHODS as QUANTIZE_METHODS
+from .quantize import format_order_table, quantization_order, quantize, require_backend
 from .run import (add_evaluation_flags, check_inputs_early, evaluate, evaluate_kwargs_from_args)
 
 # Short method names used by the issue and the paper's baselines; the values are Scores metric names.
 METHOD_ALIASES = {"relmag": "relative_magnitude", "angular_last": "angular_last_token"}
+DEFAULT_RATIOS = "0,0.1,0.2,0.25,0.3"
+DEFAULT_METHODS = "bi,angular,relmag,reverse,random,last"
+# --quantize-order compares two whole pipelines at one setting, so it takes one method and one ratio.
+ORDER_DEFAULT_RATIO = "0.25"
+ORDER_DEFAULT_METHOD = "bi"
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -47,15 +58,23 @@ def _layers_to_remove(num_layers: int, ratio: float) -> int:
 
 
 def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Sequence[str], eval_kwargs: dict,
-            log=print) -> dict:
-    """Evaluate the dense model once and every (method, ratio > 0) on a pruned copy; returns the JSON table."""
+            quantize_method: Optional[str] = None, log=print) -> dict:
+    """Evaluate the dense model once and every (method, ratio > 0) on a pruned copy, each quantized first if
+    `quantize_method`; returns the JSON table."""
     from ..surgery.in_memory import prune_model
+
+    def run(net):
+        params = sum(p.numel() for p in net.parameters())
+        result = evaluate(quantize(net, quantize_method) if quantize_method else net, tokenizer, **eval_kwargs)
+        # The float count: bitsandbytes stores two 4-bit weights per element, which would halve it.
+        result["params"] = params
+        return result
 
     num_layers = scores.num_layers
     dense_params = sum(p.numel() for p in model.parameters())
     rows = []
-    log(f"evaluating the dense model ({num_layers} layers)")
-    dense = evaluate(model, tokenizer, **eval_kwargs)
+    log(f"evaluating the dense model ({num_layers} layers)" + (f" in {quantize_method}" if quantize_method else ""))
+    dense = run(model)
     rows.append(_row("dense", 0.0, [], num_layers, dense, dense_params))
     for method in methods:
         for ratio in ratios:
@@ -67,17 +86,18 @@ def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Seque
             layers = scores.select(METHOD_ALIASES.get(method, method), n_remove)
             log(f"{method} @ {ratio:g}: removing {n_remove} layers {layers}")
             pruned = prune_model(copy.deepcopy(model), layers)
-            rows.append(_row(method, ratio, layers, num_layers, evaluate(pruned, tokenizer, **eval_kwargs),
-                             dense_params))
+            rows.append(_row(method, ratio, layers, num_layers, run(pruned), dense_params))
             del pruned
     return {"model": scores.model, "num_layers": num_layers, "dense_params": dense_params,
             "calibration": scores.calibration, "ratios": list(ratios), "methods": list(methods),
+            "quantization": quantize_method,
             "evaluation": {k: v for k, v in eval_kwargs.items() if k != "progress"}, "rows": rows}
 
 
 def _row(method: str, ratio: float, layers: list, num_layers: int, result: dict, dense_params: int) -> dict:
     row = {"method": method, "ratio": ratio, "removed": list(layers), "layers_removed_pct": 100 * len(layers) / num_layers,
-           "params": result["params"], "params_kept_pct": 100 * result["params"] / dense_params}
+           "params": result["params"], "params_kept_pct": 100 * result["params"] / dense_params,
+           "bytes": result["bytes"]}
     if "perplexity" in result:
         row["ppl"] = result["perplexity"]["ppl"]
     for task, values in result.get("tasks", {}).items():
@@ -94,13 +114,13 @@ def markdown_table(table: dict) -> str:
     tasks = _task_names(table)
     dense = table["rows"][0]
     dense_avg = statistics.fmean(dense[t]["acc"] for t in tasks) if tasks else None
-    header = ["method", "ratio", "layers removed", "params kept %"]
+    header = ["method", "ratio", "layers removed", "params kept %", "weights MB"]
     header += ["WikiText-2 ppl"] if "ppl" in dense else []
     header += [f"{t} acc" for t in tasks] + (["avg", "retention %"] if tasks else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         cells = [row["method"], f"{row['ratio']:g}", f"{len(row['removed'])} ({row['layers_removed_pct']:.0f}%)",
-                 f"{row['params_kept_pct']:.1f}"]
+                 f"{row['params_kept_pct']:.1f}", f"{row['bytes'] / 1e6:.1f}"]
         if "ppl" in row:
             cells.append(f"{row['ppl']:.2f}")
         if tasks:
@@ -111,6 +131,9 @@ def markdown_table(table: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     docs = {t: dense[t]["docs"] for t in tasks}
     note = f"\nTask accuracies (lm-eval `acc`, %, ± stderr) on {docs} examples." if tasks else ""
+    if table.get("quantization"):
+        note += (f"\nEvery row evaluated with {table['quantization']} weights; layers chosen on the float model "
+                 "(score -> prune -> quantize).")
     return "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -139,7 +162,8 @@ def plot(table: dict, path: Path) -> None:
             ax.set_ylabel(f"{panel} accuracy %")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{table['model']}: layer removal by method", fontsize=10)
+    quantized = f", {table['quantization']} weights" if table.get("quantization") else ""
+    fig.suptitle(f"{table['model']}: layer removal by method{quantized}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -150,9 +174,17 @@ def add_compare_subcommand(subparsers) -> None:
 
     p = subparsers.add_parser("compare", help="perplexity and task scores for every removal method and ratio")
     p.add_argument("model", help="checkpoint folder, hub id, or the alias smollm2-135m")
-    p.add_argument("--ratios", default="0,0.1,0.2,0.25,0.3", help="fractions of layers to remove, each in [0, 1)")
-    p.add_argument("--methods", default="bi,angular,relmag,reverse,random,last",
-                   help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span")
+    p.add_argument("--ratios", default=None,
+                   help=f"fractions of layers to remove, each in [0, 1) (default {DEFAULT_RATIOS}; with "
+                        f"--quantize-order one ratio, default {ORDER_DEFAULT_RATIO})")
+    p.add_argument("--methods", default=None,
+                   help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span "
+                        f"(default {DEFAULT_METHODS}; with --quantize-order one metric, "
+                        f"default {ORDER_DEFAULT_METHOD})")
+    p.add_argument("--quantize-order", default=None, choices=QUANTIZE_METHODS, metavar="{nf4,int4}",
+                   help="instead of the table: quantize -> score -> prune against score -> prune -> quantize at one "
+                        "ratio (paper Table 5), perplexity on the calibration text's held-out tail; writes "
+                        "quantization_order.json and .md")
     p.add_argument("--out-dir", default="compare", help="where compare.json, compare.md and compare.png go")
     add_evaluation_flags(p, runtime_flags=False)
     _add_calibration_flags(p)
@@ -163,9 +195,13 @@ def cmd_compare(args) -> int:
     from ..api import load
     from ..cli import _score_from_args
 
-    ratios, methods = parse_ratios(args.ratios), parse_methods(args.methods)
+    if args.quantize_order:
+        return cmd_quantize_order(args)
+    ratios, methods = parse_ratios(args.ratios or DEFAULT_RATIOS), parse_methods(args.methods or DEFAULT_METHODS)
     eval_kwargs = evaluate_kwargs_from_args(args)
     check_inputs_early(eval_kwargs)
+    if args.quantize:
+        require_backend(args.quantize)
     if args.quiet:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -173,7 +209,8 @@ def cmd_compare(args) -> int:
     print(f"scoring {args.model} once on {args.samples} x {args.seq_len} calibration tokens")
     scores = _score_from_args(args, model=model, tokenizer=tokenizer)
     scores.model = args.model
-    table = compare(model, tokenizer, scores, ratios=ratios, methods=methods, eval_kwargs=eval_kwargs)
+    table = compare(model, tokenizer, scores, ratios=ratios, methods=methods, eval_kwargs=eval_kwargs,
+                    quantize_method=args.quantize)
     table["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,4 +220,41 @@ def cmd_compare(args) -> int:
     plot(table, out_dir / "compare.png")
     print(markdown)
     print(f"wrote {out_dir}/compare.json, compare.md, compare.png in {table['seconds']} s")
+    return 0
+
+
+def cmd_quantize_order(args) -> int:
+    from ..api import load
+    from ..models.architectures import find_block_stack
+
+    if args.quantize:
+        raise ValueError("--quantize-order quantizes in both orders itself; drop --quantize")
+    if args.tasks or args.ppl not in ("wikitext2", "none"):
+        raise ValueError("--quantize-order measures perplexity on the calibration text's held-out tail; drop --tasks "
+                         "and --ppl")
+    ratios = [r for r in parse_ratios(args.ratios or ORDER_DEFAULT_RATIO) if r > 0]
+    methods = parse_methods(args.methods or ORDER_DEFAULT_METHOD)
+    if len(ratios) != 1 or len(methods) != 1:
+        raise ValueError(f"--quantize-order compares the two orders at one setting; give one --ratios value above 0 "
+                         f"and one --methods metric, got {len(ratios)} and {len(methods)}")
+    require_backend(args.quantize_order)
+    started = time.perf_counter()
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
+    num_layers = len(find_block_stack(model).blocks)
+    remove = _layers_to_remove(num_layers, ratios[0])
+    if not 0 < remove < num_layers:
+        raise ValueError(f"ratio {ratios[0]} removes {remove} of {num_layers} layers; choose a ratio that removes some "
+                         "but not all")
+    report = quantization_order(model, tokenizer, remove=remove, method=args.quantize_order,
+                                metric=METHOD_ALIASES.get(methods[0], methods[0]), calib=args.calib,
+                                samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                                seed=args.seed, ppl_tokens=args.ppl_tokens or None, ppl_window=args.ppl_window)
+    report.update(model=args.model, ratio=ratios[0], seconds=round(time.perf_counter() - started, 1))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quantization_order.json").write_text(json.dumps(report, indent=1))
+    table = format_order_table(report) + f"\n\nsame layers removed in both orders: {report['same_layers']}\n"
+    (out_dir / "quantization_order.md").write_text(table)
+    print(table)
+    print(f"wrote {out_dir}/quantization_order.json, quantization_order.md in {report['seconds']} s")
     return 0

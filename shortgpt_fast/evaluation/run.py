@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .perplexity import EvaluationError, perplexity, shared_data_dir
+from .quantize import METHODS, model_bytes, quantize, require_backend
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 # Short names for the task YAMLs shipped in tasks/; any other name is handed to lm-eval's own registry.
@@ -228,7 +229,8 @@ def forward_flops_per_token(model: nn.Module, context: int) -> float:
     included, embeddings excluded since they are a lookup) plus the attention score and value products."""
     from ..models.architectures import find_block_stack
 
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    # From the layer shapes, not weight.numel(): a bitsandbytes 4-bit weight is stored as packed bytes.
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     config = model.config
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -288,7 +290,7 @@ def evaluate(model: nn.Module, tokenizer, *, ppl: Optional[str] = "wikitext2", p
     config = model.config
     result = {"model": getattr(config, "name_or_path", "") or type(model).__name__,
               "layers": len(find_block_stack(model).blocks),
-              "params": sum(p.numel() for p in model.parameters()),
+              "params": sum(p.numel() for p in model.parameters()), "bytes": model_bytes(model),
               "flops_per_token": forward_flops_per_token(model, throughput_seq_len // 2)}
     if ppl:
         ids, source = perplexity_tokens(tokenizer, ppl, ppl_tokens, data_dir)
@@ -312,6 +314,8 @@ def _rows(result: dict) -> list[tuple[str, str, Optional[float]]]:
     rows = [("layers", str(result["layers"]), result["layers"]),
             ("parameters (M)", f"{result['params'] / 1e6:.2f}", result["params"]),
             ("GFLOPs/token", f"{result['flops_per_token'] / 1e9:.3f}", result["flops_per_token"])]
+    if "bytes" in result:
+        rows.append(("weights (MB)", f"{result['bytes'] / 1e6:.2f}", result["bytes"]))
     if "perplexity" in result:
         p = result["perplexity"]
         rows.append((f"perplexity ({p['tokens']} tok, window {p['window']})", f"{p['ppl']:.3f}", p["ppl"]))
@@ -422,6 +426,8 @@ def add_evaluation_flags(parser: argparse.ArgumentParser, runtime_flags: bool = 
     batch_flags = ("--batch-size", "--eval-batch-size") if runtime_flags else ("--eval-batch-size",)
     group.add_argument(*batch_flags, dest="eval_batch_size", type=int, default=8, help="lm-eval batch size")
     group.add_argument("--data-dir", default=None, help="evaluation data folder (default ../shared/data)")
+    group.add_argument("--quantize", default=None, choices=METHODS,
+                       help="evaluate 4-bit weights: nf4 (bitsandbytes) or int4 (torchao weight-only, groups of 64)")
     if runtime_flags:
         group.add_argument("--device", default="cpu")
         group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -450,6 +456,8 @@ def cmd_eval(args) -> int:
 
     kwargs = evaluate_kwargs_from_args(args)
     check_inputs_early(kwargs)
+    if args.quantize:
+        require_backend(args.quantize)
     if args.quiet:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     models = ([("original", args.compare_to), ("pruned", args.model)] if args.compare_to
@@ -457,8 +465,14 @@ def cmd_eval(args) -> int:
     results = {}
     for label, name in models:
         net, tokenizer = load(name, device=args.device, dtype=args.dtype)
+        if args.quantize:
+            params = sum(p.numel() for p in net.parameters())
+            net = quantize(net, args.quantize)
         results[label] = evaluate(net, tokenizer, **kwargs)
         results[label]["model"] = name
+        if args.quantize:
+            # Counted before quantizing: bitsandbytes stores two 4-bit weights per element, which would halve it.
+            results[label].update(params=params, quantization=args.quantize)
         del net
     print(format_table(results))
     generations = format_generations(results)
