@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytest.importorskip("peft")
 
 from shortgpt_fast.cli import main  # noqa: E402
-from shortgpt_fast.evaluation.heal import heal, save_healed  # noqa: E402
+from shortgpt_fast.evaluation.heal import heal, remove_checkpoints, save_healed  # noqa: E402
 from shortgpt_fast.evaluation.perplexity import EvaluationError  # noqa: E402
 from tests.tiny_models import tiny_llama_real_vocab  # noqa: E402
 
@@ -195,3 +195,7 @@ def test_checkpoint_from_other_settings_is_refused(tokenizer, repeated_text, tmp
     with pytest.raises(EvaluationError, match="different steps"):
         heal(_tiny(tokenizer, seed=4), tokenizer, str(repeated_text), steps=8, checkpoint_dir=checkpoints,
              resume=True, **kwargs)
+    # A --checkpoint-dir may be a folder the user keeps other things in: only the checkpoints go.
+    (checkpoints / "notes.txt").write_text("mine")
+    remove_checkpoints(checkpoints)
+    assert [p.name for p in checkpoints.iterdir()] == ["notes.txt"]

@@ -13,9 +13,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
-
-from typing import Optional
+from typing import Optional, Sequence
 
 from .quantize import METHODS as QUANTIZE_METHODS
 from .quantize import format_order_table, quantization_order, quantize, require_backend
@@ -95,7 +93,8 @@ def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Seque
 
 
 def _row(method: str, ratio: float, layers: list, num_layers: int, result: dict, dense_params: int) -> dict:
-    row = {"method": method, "ratio": ratio, "removed": list(layers), "layers_removed_pct": 100 * len(layers) / num_layers,
+    row = {"method": method, "ratio": ratio, "removed": list(layers),
+           "layers_removed_pct": 100 * len(layers) / num_layers,
            "params": result["params"], "params_kept_pct": 100 * result["params"] / dense_params,
            "bytes": result["bytes"]}
     if "perplexity" in result:

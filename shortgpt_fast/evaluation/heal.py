@@ -92,9 +92,22 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, adapters: dict, state: dic
     torch.save(state, partial / "trainer_state.pt")
     os.replace(partial, final)
     for old in checkpoint_dir.iterdir():
-        if old != final and old.is_dir() and old.name.startswith((CHECKPOINT_PREFIX, ".partial-")):
+        if old != final and old.is_dir() and old.name.startswith((CHECKPOINT_PREFIX, ".partial-" + CHECKPOINT_PREFIX)):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete this run's checkpoint folders, and the folder itself only if nothing else is in it: --checkpoint-dir
+    may name a folder the user keeps other things in."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        if path.is_dir() and path.name.startswith((CHECKPOINT_PREFIX, ".partial-" + CHECKPOINT_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+    if not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
 
 
 def _load_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -305,10 +318,11 @@ def cmd_heal(args) -> int:
     report["model"] = args.model
     save_healed(model, tokenizer, out_dir, report)
     # Only now is the run safe: a kill before the rename above leaves the checkpoints to resume from.
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    remove_checkpoints(checkpoint_dir)
     b, a = report["before"]["perplexity"]["ppl"], report["after"]["perplexity"]["ppl"]
     print(f"held-out perplexity {b:.3f} -> {a:.3f}; loss {report['losses'][0]:.4f} -> {report['losses'][-1]:.4f}")
     for name, task in report["after"].get("tasks", {}).items():
-        print(f"{name} acc {report['before']['tasks'][name].get('acc', math.nan):.4f} -> {task.get('acc', math.nan):.4f}")
+        before = report["before"]["tasks"][name].get("acc", math.nan)
+        print(f"{name} acc {before:.4f} -> {task.get('acc', math.nan):.4f}")
     print(f"wrote {out_dir}")
     return 0

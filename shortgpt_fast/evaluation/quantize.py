@@ -98,8 +98,13 @@ def _torchao_config(model: nn.Module, device: torch.device, dtype: torch.dtype):
         raise EvaluationError(f"torchao int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but {name} has "
                               f"{width} inputs; use --quantize nf4, whose blocks need no such alignment")
     if device.type == "cpu":
-        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        try:
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        except ImportError:  # a prototype API: later torchao releases may move or promote it
+            import torchao
 
+            raise EvaluationError(f"torchao {torchao.__version__} has no CPU int4 weight-only config "
+                                  "(PrototypeInt4WeightOnlyConfig, torchao 0.18); use --quantize nf4") from None
         config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
     elif device.type == "cuda":
         if dtype != torch.bfloat16:

@@ -427,7 +427,8 @@ def add_evaluation_flags(parser: argparse.ArgumentParser, runtime_flags: bool = 
     group.add_argument(*batch_flags, dest="eval_batch_size", type=int, default=8, help="lm-eval batch size")
     group.add_argument("--data-dir", default=None, help="evaluation data folder (default ../shared/data)")
     group.add_argument("--quantize", default=None, choices=METHODS,
-                       help="evaluate 4-bit weights: nf4 (bitsandbytes) or int4 (torchao weight-only, groups of 64)")
+                       help="evaluate 4-bit weights: nf4 (bitsandbytes) or int4 (torchao weight-only, groups of "
+                            "64; on CPU use --dtype bfloat16, torch's int4 kernel is slow for float32)")
     if runtime_flags:
         group.add_argument("--device", default="cpu")
         group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
