@@ -14,7 +14,7 @@ from shortgpt_fast.evaluation import run
 from shortgpt_fast.evaluation.perplexity import EvaluationError, perplexity
 from shortgpt_fast.evaluation.tasks import local_data
 from shortgpt_fast.surgery.in_memory import prune_model
-from tests.tiny_models import random_ids, tiny_llama, tiny_llama_real_vocab
+from tiny_models import random_ids, tiny_llama, tiny_llama_real_vocab
 
 LIMIT = 20
 
