@@ -13,13 +13,13 @@ score -> prune -> quantize; the report shows whether quantization changed which 
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..models import loading  # noqa: F401  (silences torchao import noise before transformers loads it)
 from .perplexity import EvaluationError, perplexity
 
 METHODS = ("nf4", "int4")
@@ -28,21 +28,6 @@ LIBRARIES = {"nf4": "bitsandbytes", "int4": "torchao"}
 # differ in the code book and not in how coarse the scales are.
 INT4_GROUP_SIZE = 64
 _ALTERNATIVE = {"nf4": "int4", "int4": "nf4"}
-
-
-class _TorchaoImportNoise(logging.Filter):
-    """transformers imports torchao whenever it is installed, and with a CPU-only torch torchao then warns that its
-    CUDA kernel libraries cannot load and torch warns about an Enum it registers; int4 on CPU uses neither, and the
-    lines would otherwise precede every command's output."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ((message.startswith("Failed to load") and "torchao" in message)
-                    or ("is an Enum subclass and is now natively supported" in message))
-
-
-logging.getLogger("torchao").addFilter(_TorchaoImportNoise())
-logging.getLogger("torch.utils._pytree").addFilter(_TorchaoImportNoise())
 
 
 def _check_method(method: str) -> None:

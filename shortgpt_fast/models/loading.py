@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,21 @@ from typing import Optional
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+class _TorchaoImportNoise(logging.Filter):
+    """transformers imports torchao whenever it is installed (the [quantize] extra), and with a CPU-only torch
+    torchao then warns that its CUDA kernel libraries cannot load and torch warns about an Enum it registers; int4 on
+    CPU uses neither, and the lines would otherwise precede every command's and every API user's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ((message.startswith("Failed to load") and "torchao" in message)
+                    or ("is an Enum subclass and is now natively supported" in message))
+
+
+logging.getLogger("torchao").addFilter(_TorchaoImportNoise())
+logging.getLogger("torch.utils._pytree").addFilter(_TorchaoImportNoise())
 
 
 class ModelLoadError(ValueError):
