@@ -544,6 +544,22 @@ def _refuse_shared_files(src: Path, plan: Plan) -> None:
                                "linked copy too. Use --out, or replace it with a real copy (cp --remove-destination)")
 
 
+def _shard_in_progress(src: Path, shard: ShardPlan) -> Path:
+    """The file an edited-in-place shard lives in now: its old name until the final rename, its new one after."""
+    source, target = src / shard.source, src / shard.target
+    path = source if source.exists() else target
+    if not path.exists():
+        raise SurgeryError(f"neither {source} nor {target} exists; the checkpoint lost a shard outside this tool. "
+                           "Restore it from the original download")
+    return path
+
+
+def _rename_into_place(src: Path, path: Path, target: Path) -> None:
+    if path != target:
+        os.rename(path, target)
+        _fsync_dir(src)
+
+
 def _apply_shard_in_place(src: Path, shard: ShardPlan, copy_method: str) -> int:
     source, target = src / shard.source, src / shard.target
     if shard.kind == "collapse":
@@ -552,10 +568,7 @@ def _apply_shard_in_place(src: Path, shard: ShardPlan, copy_method: str) -> int:
     if shard.kind == "header":
         # The data region is never written in this mode, so rewriting the header is always safe to repeat, whether
         # the last attempt finished, never started, or was torn halfway.
-        path = source if source.exists() else target
-        if not path.exists():
-            raise SurgeryError(f"neither {source} nor {target} exists; the checkpoint lost a shard outside this "
-                               "tool. Restore it from the original download")
+        path = _shard_in_progress(src, shard)
         if path.stat().st_size != shard.final_size:
             raise SurgeryError(f"{path} is {path.stat().st_size} bytes, expected {shard.final_size}; it was changed "
                                f"outside the cut. Restore it and rerun, or delete {src / JOURNAL_NAME} to abandon")
@@ -564,9 +577,7 @@ def _apply_shard_in_place(src: Path, shard: ShardPlan, copy_method: str) -> int:
                 _C.safetensors_overwrite_header(str(path), shard.header.encode("utf-8"), shard.old_header_len)
             except (ValueError, OSError) as e:
                 raise SurgeryError(f"{e}; rerun the same command to finish the cut") from None
-        if path != target:
-            os.rename(path, target)
-            _fsync_dir(src)
+        _rename_into_place(src, path, target)
         return 0
     # Compacted shards are rebuilt into a temp file from the untouched source and renamed over the target, so the
     # source bytes stay readable until the new file is durable.
@@ -626,11 +637,7 @@ def _plan_collapses(src: Path, plan: Plan) -> None:
 
 
 def _collapse_shard_in_place(src: Path, shard: ShardPlan) -> None:
-    source, target = src / shard.source, src / shard.target
-    path = source if source.exists() else target
-    if not path.exists():
-        raise SurgeryError(f"neither {source} nor {target} exists; the checkpoint lost a shard outside this tool. "
-                           "Restore it from the original download")
+    path = _shard_in_progress(src, shard)
     new_len = len(shard.header.encode("utf-8"))
     finished = path.stat().st_size == shard.final_size and \
         _header_region_sha256(path, new_len) == shard.new_header_sha256
@@ -646,9 +653,7 @@ def _collapse_shard_in_place(src: Path, shard: ShardPlan) -> None:
             _C.safetensors_overwrite_header(str(path), shard.header.encode("utf-8"), shard.old_header_len)
         except (ValueError, OSError) as e:
             raise SurgeryError(f"{e}; rerun the same command to finish the cut") from None
-    if path != target:
-        os.rename(path, target)
-        _fsync_dir(src)
+    _rename_into_place(src, path, src / shard.target)
 
 
 def _cut_in_place(src: Path, layers, verify: bool, copy_method: str) -> tuple[Plan, int, int, bool]:
