@@ -141,10 +141,14 @@ def renumber_block_indices(blocks: Iterable[nn.Module], attributes: Iterable[str
                     setattr(module, attr, new_index)
 
 
-def checkpoint_layer_prefix(tensor_names: Iterable[str], num_layers: int, model_type: Optional[str] = None) -> str:
+def checkpoint_layer_prefix(tensor_names: Iterable[str], num_layers: int, model_type: Optional[str] = None,
+                            extra_layers: int = 0) -> str:
     """The tensor-name prefix P such that layer i's tensors are named `P.i.*`.
 
-    Tries the registry's paths first, then any prefix whose indices are exactly 0..num_layers-1.
+    Tries the registry's paths first, then any prefix whose indices are exactly 0..num_layers-1. `extra_layers`
+    is the number of layers the config declares after the decoder stack (DeepSeek-V3 / GLM-4.5 keep their
+    multi-token-prediction layers at `model.layers.{N}`..; see `config_surgery.mtp_layer_count`): indices
+    0..num_layers+extra_layers-1 are then accepted too, and `index_map(..., extra_layers)` moves them to the new N.
     """
     names = list(tensor_names)
     indices_by_prefix: dict[str, set[int]] = {}
@@ -153,18 +157,23 @@ def checkpoint_layer_prefix(tensor_names: Iterable[str], num_layers: int, model_
         m = pattern.match(name)
         if m:
             indices_by_prefix.setdefault(m.group(1), set()).add(int(m.group(2)))
-    want = set(range(num_layers))
+    wants = [set(range(num_layers))]
+    if extra_layers > 0:
+        # A checkpoint saved by transformers drops the MTP layers, so both layouts are legitimate.
+        wants.append(set(range(num_layers + extra_layers)))
     arch = architecture_for(model_type)
     for path in (arch.block_paths if arch else ()) + GENERIC_BLOCK_PATHS:
-        if indices_by_prefix.get(path) == want:
+        if indices_by_prefix.get(path) in wants:
             return path
-    matches = [p for p, idx in indices_by_prefix.items() if idx == want]
+    matches = [p for p, idx in indices_by_prefix.items() if idx in wants]
     if len(matches) == 1:
         return matches[0]
     seen = {p: (min(i), max(i), len(i)) for p, i in indices_by_prefix.items()}
+    declared = f" (+{extra_layers} MTP layers declared)" if extra_layers else ""
     raise ArchitectureError(
-        f"cannot tell which tensors belong to the {num_layers} layers: prefixes with numeric indices are "
-        f"{seen or 'none'}; add the family to shortgpt_fast/models/architectures.py"
+        f"cannot tell which tensors belong to the {num_layers} layers{declared}: prefixes with numeric indices are "
+        f"{seen or 'none'}; add the family to shortgpt_fast/models/architectures.py, or declare trailing MTP layers "
+        "with num_nextn_predict_layers in config.json"
     )
 
 
