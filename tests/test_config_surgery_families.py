@@ -301,6 +301,13 @@ def test_input_is_never_mutated():
     assert json.dumps(cfg, sort_keys=True) == snapshot
 
 
+def test_absent_leading_count_means_the_class_default():
+    out = prune_config_dict({"model_type": "deepseek_v3", "num_hidden_layers": 6}, [1])
+    assert out["first_k_dense_replace"] == 2
+    out = prune_config_dict({"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 0}, [1])
+    assert out["first_k_dense_replace"] == 0
+
+
 def test_mtp_layers_follow_the_decoder_stack():
     cfg = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "num_nextn_predict_layers": 1}
     names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(7)] + ["model.embed_tokens.weight",
@@ -403,3 +410,6 @@ def test_fp8_checkpoint_cut_carries_scales_and_renumbers_config(mtp, tmp_path):
     cfg = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert cfg["quantization_config"]["modules_to_not_convert"] == [f"model.layers.{i}.mlp.gate" for i in range(4)]
     assert cfg["num_hidden_layers"] == 4
+    # config.json omits first_k_dense_replace, so DeepSeek-V3's class default (3 dense layers: old 0, 1, 2) applies;
+    # of those, old 0 and 2 remain, and the new config must say 2 rather than fall back to 3 again.
+    assert cfg["first_k_dense_replace"] == 2

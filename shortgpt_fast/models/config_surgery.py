@@ -62,6 +62,21 @@ LAYER_INDEX_LIST_KEYS = (
 # Integers meaning "the first k layers": becomes the number of kept layers below k.
 LEADING_COUNT_KEYS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
 
+# Class defaults of "first k layers" fields, per model type: a config.json that omits the field means the default,
+# which after removal would cover other layers (DeepSeek-V3 without `first_k_dense_replace` has 3 dense layers), so
+# the field is written out before it is rewritten. Read from transformers 5.24's configuration classes.
+LEADING_COUNT_DEFAULTS: dict[str, dict[str, int]] = {
+    **{t: {"first_k_dense_replace": 3} for t in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")},
+    **{t: {"first_k_dense_replace": 1} for t in ("exaone_moe", "glm4_moe", "glm4v_moe_text", "mistral_large4",
+                                                 "sarvam_mla", "sarvam_moe", "kimi_linear")},
+    "bailing_hybrid": {"first_k_dense_replace": 2},
+    "afmoe": {"num_dense_layers": 1},
+    "lfm2_moe": {"num_dense_layers": 2},
+    **{t: {"max_window_layers": 28} for t in ("qwen2", "qwen2_moe", "qwen3", "deepseek_ocr2")},
+    **{t: {"max_window_layers": 80} for t in ("qwen2_vl_text", "qwen2_5_vl_text")},
+    "dots1": {"max_window_layers": 62},
+}
+
 # Strings with one character per layer (Nemotron-H style hybrid patterns).
 PER_LAYER_STRING_KEYS = ("hybrid_override_pattern",)
 
@@ -461,6 +476,9 @@ def _prune_stack_config(cfg: dict, removed: list[int], num_layers: int, mapping:
     kept = [i for i in range(num_layers) if i not in set(removed)]
     new_count = len(kept)
 
+    for key, default in LEADING_COUNT_DEFAULTS.get(cfg.get("model_type"), {}).items():
+        if cfg.get(key) is None:
+            cfg[key] = default
     rule = _PATTERN_RULES.get(cfg.get("model_type"))
     # A rule may return the keys it already wrote in the new numbering, which the generic pass must not touch.
     done = (rule(cfg, num_layers, kept) if rule is not None else None) or set()
