@@ -151,6 +151,10 @@ def _tokenizer_for(model: str):
         raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {str(err).splitlines()[0]}") from None
 
 
-def prune(model: nn.Module, layers: Sequence[int]) -> nn.Module:
-    """Remove `layers` from a loaded model in place (config, layer_idx and per-layer fields kept consistent)."""
-    return prune_model(model, layers)
+def prune(model: nn.Module, layers: Sequence[int], verify: bool = True) -> nn.Module:
+    """Remove `layers` from a loaded model in place (config, layer_idx and per-layer fields kept consistent).
+
+    With `verify` (the default) the pruned config is first proven to build the original minus the removed blocks;
+    a refusal (StructureMismatch, a ValueError) leaves the model untouched. Example: `prune(model, [21, 22, 25])`.
+    """
+    return prune_model(model, layers, verify=verify)

@@ -8,6 +8,7 @@ from torch import nn
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, find_block_stack
 from shortgpt_fast.models.config_surgery import prune_config_dict
 from shortgpt_fast.surgery.in_memory import prune_model
+from shortgpt_fast.surgery.verify_structure import StructureMismatch
 
 
 class Block(nn.Module):
@@ -40,9 +41,14 @@ def test_fallback_guesses_the_largest_identical_list_and_warns_once():
     assert sum("guessing" in str(w.message) for w in caught) == 1
 
 
-def test_fallback_prunes_and_renumbers():
+def test_fallback_prunes_and_renumbers_only_when_told_to_skip_the_proof():
     model = HomegrownLM()
-    prune_model(model, [1, 3])
+    # Without a transformers config nothing can rebuild the pruned model to prove it, so the default refuses and
+    # leaves the model whole.
+    with pytest.raises(StructureMismatch, match="no transformers config"):
+        prune_model(model, [1, 3])
+    assert len(model.trunk) == 5
+    prune_model(model, [1, 3], verify=False)
     assert [b.layer_idx for b in model.trunk] == [0, 1, 2]
     x = torch.randn(2, 12)
     for block in model.trunk:

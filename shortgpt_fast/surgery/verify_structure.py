@@ -1,0 +1,322 @@
+"""Prove, before anything is written, that a pruned config describes the original model minus the removed blocks.
+
+Config surgery is a list of rules about fields, and transformers adds a layer-pattern field every few months; a rule
+that misses one gives a checkpoint that loads cleanly and computes something else (a Gemma-3 config with an integer
+`sliding_window_pattern` re-derives the kept layers' sliding/full types after a cut, and since sliding and full
+layers have the same weights, nothing warns). So every prune and cut is checked by construction instead:
+
+1. Build the original and the pruned model as skeletons on the meta device (no weights: seconds, little memory),
+   through the installed transformers, exactly as `from_pretrained` would build them from each config.
+2. Compare kept layer i of the original with layer map[i] of the pruned skeleton: module tree and classes, every
+   parameter and buffer name, shape and dtype, and every scalar attribute a module stores (sliding window, layer
+   type, rope or no rope, MoE or dense, scaling constants...). Only the layer's own index may differ.
+3. Compare everything outside the block stack the same way (embeddings, norms, heads, shared blocks).
+4. Compare every per-layer list of the normalised configs (as transformers expands them, so a pattern integer has
+   become `layer_types`) at i and map[i]: models that read `config.layer_types[i]` at run time see the same value.
+5. For a checkpoint: whatever differs between the original checkpoint's tensor names and shapes and the original
+   skeleton's state dict (tied weights, quantization companions such as `weight_scale_inv`, fused-expert
+   conversions, multi-token-prediction layers) must differ in exactly the same way, renamed, between the cut
+   checkpoint and the pruned skeleton. Anything new (a shared block whose weights were stored under a removed
+   layer's name, a renamed tensor the new config does not expect) is a refusal.
+
+Any difference raises StructureMismatch with one line naming the layer and the field or tensor.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import types
+import warnings
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_number", "block_idx", "layer_index"})
+# Model-level flags derived from the layer pattern as a whole ("is any layer sliding?") that only decide which masks
+# or caches get built; the per-layer comparison already proves each kept layer keeps its own type.
+_PATTERN_SUMMARY_ATTRIBUTES = frozenset({"has_sliding_layers", "_attn_implementation_autoset"})
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_MAX_LIST = 4096
+
+
+class StructureMismatch(ValueError):
+    """The pruned model would not compute what the original computes with the removed blocks as identity."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Skeletons
+
+
+def normalized_config(cfg: Mapping) -> dict:
+    """The config as transformers expands it (pattern fields turned into `layer_types` and the like)."""
+    return _config_object(cfg).to_dict()
+
+
+def _config_object(cfg: Mapping):
+    from transformers import AutoConfig
+
+    d = copy.deepcopy(dict(cfg))
+    # Quantization only changes how weights are stored; building a quantized skeleton needs the backend (often a
+    # GPU), and the checkpoint comparison below carries the quantized names over as an accepted difference.
+    d.pop("quantization_config", None)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise StructureMismatch("config.json has no model_type, so the model cannot be rebuilt to check the cut; "
+                                "pass --no-verify if you have checked it yourself")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.for_model(model_type, **d)
+    except Exception as err:  # noqa: BLE001 - any failure means we cannot prove the cut
+        raise StructureMismatch(f"transformers cannot build a {model_type!r} config ({_first_line(err)}); "
+                                "cannot verify the cut, pass --no-verify to skip the check") from None
+
+
+def build_skeleton(cfg: Mapping):
+    """The model `from_pretrained` would build from `cfg`, on the meta device (no weight memory)."""
+    import torch
+    import transformers
+
+    config = _config_object(cfg)
+    classes = []
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            classes.append(cls)
+    classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    errors = []
+    for cls in classes:
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                if hasattr(cls, "from_config"):
+                    return cls.from_config(config)
+                return cls._from_config(config)
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{getattr(cls, '__name__', cls)}: {_first_line(err)}")
+    raise StructureMismatch(f"cannot build a {config.model_type!r} model skeleton to verify the cut "
+                            f"({'; '.join(errors)[:300]}); pass --no-verify to skip the check")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signatures
+
+
+def _value(v: Any, depth: int = 0) -> Any:
+    """A comparable form of an attribute, or None when it is not part of the signature."""
+    import torch
+
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return ("v", v)
+    if isinstance(v, float):
+        return ("f", "nan" if math.isnan(v) else v)
+    if isinstance(v, torch.dtype):
+        return ("dtype", str(v))
+    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
+        return ("fn", getattr(v, "__module__", ""), getattr(v, "__qualname__", repr(v)))
+    if depth < 3 and isinstance(v, (list, tuple)) and len(v) <= _MAX_LIST:
+        items = [_value(x, depth + 1) for x in v]
+        return None if any(i is None for i in items) else ("seq", tuple(items))
+    if depth < 3 and isinstance(v, dict) and len(v) <= _MAX_LIST:
+        items = [(str(k), _value(x, depth + 1)) for k, x in v.items()]
+        return None if any(i[1] is None for i in items) else ("map", tuple(sorted(items)))
+    return None
+
+
+def module_signature(root, skip: Iterable[str] = (), ignore_attributes: Iterable[str] = INDEX_ATTRIBUTES) -> dict:
+    """{path: description} for every submodule class, parameter, buffer and stored scalar attribute under `root`.
+
+    `skip` names dotted submodule paths (with their subtrees) left out, e.g. the block stack when comparing the rest.
+    """
+    skip = tuple(skip)
+    ignore = frozenset(ignore_attributes)
+    sig: dict[str, Any] = {}
+    for path, module in root.named_modules():
+        if any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        where = path or "<root>"
+        sig[f"{where} :class"] = f"{type(module).__module__}.{type(module).__qualname__}"
+        for name, p in module.named_parameters(recurse=False):
+            sig[f"{where}.{name} :param"] = (tuple(p.shape), str(p.dtype))
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None:
+                sig[f"{where}.{name} :buffer"] = (tuple(b.shape), str(b.dtype))
+        for name, v in vars(module).items():
+            if name.startswith("_") or name == "training" or name in ignore or name in _PATTERN_SUMMARY_ATTRIBUTES:
+                continue
+            comparable = _value(v)
+            if comparable is not None:
+                sig[f"{where}.{name}"] = comparable
+    return sig
+
+
+def _diff(old: dict, new: dict) -> Optional[str]:
+    for key in sorted(old.keys() | new.keys()):
+        if key not in new:
+            return f"{key} disappears"
+        if key not in old:
+            return f"{key} appears"
+        if old[key] != new[key]:
+            return f"{key} changes from {_show(old[key])} to {_show(new[key])}"
+    return None
+
+
+def _show(v: Any) -> str:
+    text = repr(v[1] if isinstance(v, tuple) and len(v) == 2 and v[0] in ("v", "f", "dtype") else v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks
+
+
+def _layer_dict(cfg: dict) -> dict:
+    """The (sub-)config that owns the layer stack: the top level, or a multimodal wrapper's text_config."""
+    if any(isinstance(cfg.get(k), int) for k in _LAYER_COUNT_KEYS):
+        return cfg
+    text = cfg.get("text_config")
+    return text if isinstance(text, dict) else cfg
+
+
+def compare_per_layer_config(old_norm: dict, new_norm: dict, mapping: Mapping[int, int]) -> None:
+    old, new = _layer_dict(old_norm), _layer_dict(new_norm)
+    n_old, n_new = max(mapping) + 1 if mapping else 0, len(mapping)
+    n_old = next((old[k] for k in _LAYER_COUNT_KEYS if isinstance(old.get(k), int)), n_old)
+    for key, value in old.items():
+        after = new.get(key)
+        if not (isinstance(value, (list, str)) and isinstance(after, (list, str)) and len(value) == n_old
+                and len(after) == n_new and n_old != n_new):
+            continue
+        for i, j in mapping.items():
+            if value[i] != after[j]:
+                raise StructureMismatch(f"config field {key!r}: layer {i} was {value[i]!r} but its new index {j} "
+                                        f"says {after[j]!r}; the cut would change what that layer computes")
+
+
+def verify_pruned_config(old_cfg: Mapping, new_cfg: Mapping, removed: Sequence[int],
+                         old_skeleton=None) -> tuple[Any, Any, dict]:
+    """Refuse (StructureMismatch) unless `new_cfg` builds the original model minus `removed` blocks.
+
+    Returns (old skeleton, new skeleton, old -> new index map) for further checks.
+
+    Example:
+        verify_pruned_config(json.load(open("config.json")), pruned_cfg, [1, 4])
+    """
+    from ..models.architectures import find_block_stack
+
+    old_skeleton = old_skeleton if old_skeleton is not None else build_skeleton(old_cfg)
+    new_skeleton = build_skeleton(new_cfg)
+    old_stack, new_stack = find_block_stack(old_skeleton), find_block_stack(new_skeleton)
+    gone = set(removed)
+    kept = [i for i in range(len(old_stack.blocks)) if i not in gone]
+    if len(new_stack.blocks) != len(kept):
+        raise StructureMismatch(f"the pruned config builds {len(new_stack.blocks)} layers, expected {len(kept)} "
+                                f"({len(old_stack.blocks)} minus {len(gone)} removed)")
+    mapping = {old: new for new, old in enumerate(kept)}
+    for old_i, new_i in mapping.items():
+        why = _diff(module_signature(old_stack.blocks[old_i]), module_signature(new_stack.blocks[new_i]))
+        if why:
+            raise StructureMismatch(f"layer {old_i} (new index {new_i}) would change: {why}")
+    outside_old = module_signature(old_skeleton, skip=(old_stack.path,))
+    outside_new = module_signature(new_skeleton, skip=(new_stack.path,))
+    # Values that are the layer count itself legitimately change (e.g. a stored num_hidden_layers).
+    for key in list(outside_old):
+        if outside_old[key] == ("v", len(old_stack.blocks)) and outside_new.get(key) == ("v", len(kept)):
+            del outside_old[key], outside_new[key]
+    why = _diff(outside_old, outside_new)
+    if why:
+        raise StructureMismatch(f"outside the layers, the pruned model would change: {why}")
+    compare_per_layer_config(_config_object(old_cfg).to_dict(), _config_object(new_cfg).to_dict(), mapping)
+    return old_skeleton, new_skeleton, mapping
+
+
+def _expected_tensors(skeleton) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+
+
+def verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors: Mapping[str, Sequence[int]],
+                              renames: Mapping[str, Optional[str]]) -> None:
+    """Refuse unless the cut checkpoint fits the pruned skeleton exactly as the original fits the original.
+
+    old_tensors: original checkpoint name -> shape; renames: original name -> new name (None when removed).
+    """
+    def differences(expected: dict, stored: Mapping[str, Sequence[int]]) -> set:
+        out = set()
+        for name in expected.keys() | stored.keys():
+            a, b = expected.get(name), stored.get(name)
+            b = tuple(b) if b is not None else None
+            if a != b:
+                out.add((name, a, b))
+        return out
+
+    new_tensors = {renames[n]: tuple(s) for n, s in old_tensors.items() if renames.get(n) is not None}
+    before = differences(_expected_tensors(old_skeleton), old_tensors)
+    after = differences(_expected_tensors(new_skeleton), new_tensors)
+    # Carry each original difference through the rename: a tensor the original checkpoint stores under a name the
+    # model does not expect (e.g. an MTP layer, a weight_scale_inv) is fine if the cut stores it the same way.
+    carried = set()
+    for name, expected, stored in before:
+        new_name = renames.get(name, name) if name in old_tensors else _renamed_expected(name, renames)
+        if new_name is not None:
+            carried.add((new_name, expected, stored))
+    new_only = after - carried
+    if new_only:
+        name, expected, stored = sorted(new_only, key=lambda d: d[0])[0]
+        if stored is None:
+            what = f"the pruned model expects tensor '{name}' {list(expected)}, which the cut checkpoint lacks"
+        elif expected is None:
+            what = f"the cut checkpoint holds '{name}', which the pruned model does not expect"
+        else:
+            what = f"tensor '{name}' has shape {list(stored)} but the pruned model expects {list(expected)}"
+        raise StructureMismatch(f"{what} ({len(new_only)} difference(s)); the cut would not load as the original "
+                                "minus the removed layers")
+
+
+def _renamed_expected(name: str, renames: Mapping[str, Optional[str]]) -> Optional[str]:
+    """New name of a tensor the original model expects but its checkpoint does not store (tied or derived)."""
+    from ..models.architectures import GENERIC_BLOCK_PATHS
+
+    parts = name.split(".")
+    for k in range(len(parts) - 1):
+        if parts[k + 1].isdigit() and ".".join(parts[:k + 1]) in GENERIC_BLOCK_PATHS:
+            prefix, old = ".".join(parts[:k + 1]), int(parts[k + 1])
+            # Find the new index of this layer from any stored tensor of the same layer.
+            stem = f"{prefix}.{old}."
+            for src, dst in renames.items():
+                if src.startswith(stem):
+                    if dst is None:
+                        return None
+                    new_index = dst[len(prefix) + 1:].split(".", 1)[0]
+                    return ".".join(parts[:k + 1] + [new_index] + parts[k + 2:])
+            return None
+    return name
+
+
+def verify_cut(old_config: Mapping, new_config: Mapping, removed: Sequence[int],
+               old_tensors: Mapping[str, Sequence[int]], renames: Mapping[str, Optional[str]]) -> None:
+    """Both checks for an on-disk cut; raises StructureMismatch with one line, returns None when proven."""
+    old_skeleton, new_skeleton, _ = verify_pruned_config(old_config, new_config, removed)
+    verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors, renames)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Child-process entry: the torch-free cut engine runs the check here, so its own memory stays small.
+
+
+def _main() -> int:
+    request = json.load(sys.stdin)
+    try:
+        verify_cut(**request)
+    except StructureMismatch as err:
+        print(str(err), file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
