@@ -43,6 +43,8 @@ PER_LAYER_LIST_KEYS = (
     "attention_layers",
     "swiglu_limits",
     "swiglu_limits_shared",
+    "intermediate_size",  # gemma3n_text: an int, or a list with one width per layer (sliced only when a list)
+    "attn_layers",  # reformer: the attention kind of each layer
 )
 
 # Lists of 0-based layer *indices*: renumbered, removed entries dropped. Their length may equal the layer count
@@ -123,6 +125,7 @@ NOT_PER_LAYER_KEYS = frozenset(
         "languages",
         "langs",
         "vocab_list",
+        "encoder_hash_byte_group_size",  # blt
     }
 )
 
