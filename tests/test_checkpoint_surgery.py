@@ -201,6 +201,13 @@ def test_in_place_crash_at_every_step_then_rerun_completes(hand_sharded, tmp_pat
         monkeypatch.setattr(surgery, "after_step_hook", crash)
         with pytest.raises(InjectedCrash):
             cut_checkpoint(work, [1, 3], in_place=True, verify=True)
+        if steps[crash_after] == "journal retired":
+            # The cut is complete; the rerun must find it recorded in config.json instead of cutting again.
+            assert not (work / JOURNAL_NAME).exists()
+            monkeypatch.setattr(surgery, "after_step_hook", None)
+            assert cut_checkpoint(work, [1, 3], in_place=True, verify=True).already_done
+            assert _tree(work) == _tree(golden)
+            continue
         assert (work / JOURNAL_NAME).exists()
         monkeypatch.setattr(surgery, "after_step_hook", None)
         with pytest.raises(SurgeryError, match="interrupted"):

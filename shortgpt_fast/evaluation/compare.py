@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import cli_types as T
 from .quantize import METHODS as QUANTIZE_METHODS
 from .quantize import format_order_table, quantization_order, quantize, require_backend
 from .run import (add_evaluation_flags, check_inputs_early, evaluate, evaluate_kwargs_from_args)
@@ -173,10 +174,10 @@ def add_compare_subcommand(subparsers) -> None:
 
     p = subparsers.add_parser("compare", help="perplexity and task scores for every removal method and ratio")
     p.add_argument("model", help="checkpoint folder, hub id, or the alias smollm2-135m")
-    p.add_argument("--ratios", default=None,
+    p.add_argument("--ratios", default=None, type=T.non_empty_list(T.ratio_or_zero),
                    help=f"fractions of layers to remove, each in [0, 1) (default {DEFAULT_RATIOS}; with "
                         f"--quantize-order one ratio, default {ORDER_DEFAULT_RATIO})")
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", default=None, type=T.non_empty_list(),
                    help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span "
                         f"(default {DEFAULT_METHODS}; with --quantize-order one metric, "
                         f"default {ORDER_DEFAULT_METHOD})")

