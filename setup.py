@@ -18,7 +18,7 @@ CSRC = ROOT / "csrc"
 
 
 def _packages():
-    found = ["shortgpt_fast", "shortgpt_fast.kernels"]
+    found = ["shortgpt_fast"]
     for init in sorted((ROOT / "shortgpt_fast").rglob("__init__.py")):
         name = ".".join(init.parent.relative_to(ROOT).parts)
         if name not in found:

@@ -131,7 +131,7 @@ def machine_info(device: str) -> dict:
 
         info["triton"] = triton.__version__
     else:
-        from shortgpt_fast.ops import bi_reduce_cpp
+        from shortgpt_fast.ops.bi_reduce import cpp as bi_reduce_cpp
 
         info["cpp_isas_available"] = bi_reduce_cpp.available_isas()
     try:
@@ -152,11 +152,11 @@ def bench_case(tokens, hidden, dtype_name, device, rounds, kernel, timer):
     x_out = (x_in.float() + 0.5 * torch.randn(tokens, hidden, generator=gen, device=device)).to(dtype)
     nbytes = 2 * x_in.numel() * x_in.element_size()
     ceiling_input = torch.randn(nbytes // 4, generator=gen, device=device)
-    inputs = bi._validate(x_in, x_out, None, None, None)
+    inputs = bi.validate(x_in, x_out, None, None, None)
     methods = {
         "kernel": lambda: kernel(inputs),
         "read_ceiling_fp32_sum": lambda: ceiling_input.sum(),
-        "torch_backend": lambda: bi._torch_backend(inputs),
+        "torch_backend": lambda: bi.torch_backend(inputs),
         "cosine_similarity": lambda: 1 - F.cosine_similarity(x_in, x_out, dim=-1).mean(),
     }
     seconds = interleaved_medians(methods, rounds, timer)
@@ -221,13 +221,13 @@ def main(argv=None) -> int:
     timer = Timer(device)
     if device == "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "0")
-        from shortgpt_fast.kernels import bi_reduce_triton
+        from shortgpt_fast.ops.bi_reduce import triton_kernel as bi_reduce_triton
 
         if bi_reduce_triton._TRITON_PROBLEM:
             raise SystemExit(bi_reduce_triton._TRITON_PROBLEM)
         kernel, kernel_name = bi_reduce_triton.run, "triton"
     else:
-        from shortgpt_fast.ops import bi_reduce_cpp
+        from shortgpt_fast.ops.bi_reduce import cpp as bi_reduce_cpp
 
         if bi_reduce_cpp._EXTENSION_PROBLEM:
             raise SystemExit(bi_reduce_cpp._EXTENSION_PROBLEM)

@@ -25,17 +25,15 @@ done
 
 # 2. The package. An editable install also builds the C++ core; where that cannot build (no compiler,
 #    no pybind11), a plain copy of the Python sources is enough: the Triton path does not need the extension.
-if ! "$PY" -c "import shortgpt_fast.kernels.bi_reduce_triton" 2>/dev/null; then
+if ! "$PY" -c "import shortgpt_fast.ops.bi_reduce.triton_kernel" 2>/dev/null; then
     if ! "$PY" -m pip install -q -e . --no-deps --no-build-isolation; then
         STAGE="$(mktemp -d)"
         cp -r shortgpt_fast "$STAGE/"
-        rm -rf "$STAGE/shortgpt_fast/kernels"
-        cp -r kernels "$STAGE/shortgpt_fast/kernels"
         export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
         log "editable install failed; using a source copy in $STAGE"
     fi
 fi
-"$PY" -c "import shortgpt_fast.kernels.bi_reduce_triton as t; assert t._TRITON_PROBLEM is None, t._TRITON_PROBLEM" \
+"$PY" -c "import shortgpt_fast.ops.bi_reduce.triton_kernel as t; assert t._TRITON_PROBLEM is None, t._TRITON_PROBLEM" \
     || { log "the Triton backend does not import"; exit 2; }
 
 # 3. Compiled Triton tests: TRITON_INTERPRET=0 overrides the interpreter default of tests/conftest.py, so the

@@ -32,13 +32,13 @@ def _record(benchmark, nbytes):
 
 def _cpu_methods():
     methods = {
-        "torch_backend": lambda x_in, x_out: bi._torch_backend(bi._validate(x_in, x_out, None, None, None)),
+        "torch_backend": lambda x_in, x_out: bi.torch_backend(bi.validate(x_in, x_out, None, None, None)),
         "cosine_similarity": lambda x_in, x_out: 1 - F.cosine_similarity(x_in, x_out, dim=-1).mean(),
     }
-    from shortgpt_fast.ops import bi_reduce_cpp
+    from shortgpt_fast.ops.bi_reduce import cpp as bi_reduce_cpp
 
     if bi_reduce_cpp._EXTENSION_PROBLEM is None:
-        methods["cpp"] = lambda x_in, x_out: bi_reduce_cpp.run(bi._validate(x_in, x_out, None, None, None))
+        methods["cpp"] = lambda x_in, x_out: bi_reduce_cpp.run(bi.validate(x_in, x_out, None, None, None))
     return methods
 
 
@@ -67,10 +67,10 @@ def test_bench_cpu_read_ceiling(benchmark, tokens, hidden):
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("tokens,hidden", SHAPES + [(32768, 8192)], ids=lambda v: str(v))
 def test_bench_triton(benchmark, dtype, tokens, hidden):
-    from shortgpt_fast.kernels import bi_reduce_triton
+    from shortgpt_fast.ops.bi_reduce import triton_kernel as bi_reduce_triton
 
     x_in, x_out = _inputs(tokens, hidden, DTYPES[dtype], device="cuda")
-    inputs = bi._validate(x_in, x_out, None, None, None)
+    inputs = bi.validate(x_in, x_out, None, None, None)
 
     def synced():
         bi_reduce_triton.run(inputs)

@@ -203,13 +203,13 @@ static std::string bi_reduce_cpu(uintptr_t x_in, int64_t in_row_stride, uintptr_
             rel_magnitude += terms[row].rel_magnitude;
             last_valid = row;
         }
-        double* out_row = result + s * 6;
-        out_row[0] = count;
-        out_row[1] = one_minus_cos;
-        out_row[2] = angular;
-        out_row[3] = rel_magnitude;
-        out_row[4] = last_valid >= 0 ? terms[last_valid].one_minus_cos : 0.0;
-        out_row[5] = last_valid >= 0 ? terms[last_valid].angular : 0.0;
+        double* out_row = result + s * sgf::kNumStats;
+        out_row[sgf::kTokens] = count;
+        out_row[sgf::kSumOneMinusCos] = one_minus_cos;
+        out_row[sgf::kSumAngular] = angular;
+        out_row[sgf::kSumRelMagnitude] = rel_magnitude;
+        out_row[sgf::kLastOneMinusCos] = last_valid >= 0 ? terms[last_valid].one_minus_cos : 0.0;
+        out_row[sgf::kLastAngular] = last_valid >= 0 ? terms[last_valid].angular : 0.0;
     }
     return choice.name;
 }

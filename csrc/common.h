@@ -6,8 +6,19 @@
 
 namespace sgf {
 
-// dtype codes shared with Python (shortgpt_fast/ops/_dtypes.py keeps the same numbering).
+// dtype codes shared with Python (DTYPE_CODES in shortgpt_fast/ops/bi_reduce/cpp.py keeps the same numbering).
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Output columns of bi_reduce, in the order of Stat in shortgpt_fast/ops/bi_reduce/contract.py.
+enum Stat : int {
+    kTokens = 0,
+    kSumOneMinusCos = 1,
+    kSumAngular = 2,
+    kSumRelMagnitude = 3,
+    kLastOneMinusCos = 4,
+    kLastAngular = 5,
+    kNumStats = 6,
+};
 
 inline std::vector<std::string> cpu_features() {
     std::vector<std::string> out;

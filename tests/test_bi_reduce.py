@@ -16,12 +16,12 @@ import torch
 from shortgpt_fast.ops import bi_reduce as bi
 from shortgpt_fast.ops.bi_reduce import BACKEND_ENV, NUM_STATS, BIReduceError, bi_reduce, bi_reduce_reference
 
-cpp = pytest.importorskip("shortgpt_fast.ops.bi_reduce_cpp")
+cpp = pytest.importorskip("shortgpt_fast.ops.bi_reduce.cpp")
 HAVE_CPP = cpp._EXTENSION_PROBLEM is None
 needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"C++ extension unavailable: {cpp._EXTENSION_PROBLEM}")
 
 try:
-    from shortgpt_fast.kernels import bi_reduce_triton as tri
+    from shortgpt_fast.ops.bi_reduce import triton_kernel as tri
 
     HAVE_TRITON = tri._TRITON_PROBLEM is None
 except ImportError:  # pragma: no cover
@@ -91,7 +91,7 @@ def _reference_and_baseline(args):
     if key not in _expected_cache:
         if len(_expected_cache) > 4:
             _expected_cache.clear()
-        _expected_cache[key] = (bi_reduce_reference(*args), bi._torch_backend(bi._validate(*args)))
+        _expected_cache[key] = (bi_reduce_reference(*args), bi.torch_backend(bi.validate(*args)))
     return _expected_cache[key]
 
 
@@ -160,14 +160,14 @@ def test_cpp_deterministic_across_threads_and_calls(dtype, hidden):
 def test_cpp_is_the_default_on_cpu(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     case = make_case(63, 333, torch.bfloat16, "random", "contiguous")
-    assert bi.select_backend(bi._validate(*case)).name == "cpp"
+    assert bi.select_backend(bi.validate(*case)).name == "cpp"
     assert torch.equal(bi_reduce(*case), cpp.bi_reduce_cpp(*case, num_threads=torch.get_num_threads()))
 
 
 @needs_cpp
 def test_cpp_refuses_non_unit_inner_stride(monkeypatch):
     x = torch.randn(16, 8).t()  # inner stride 16
-    assert any("inner stride" in r for r in cpp.not_supported_reasons(bi._validate(x, x.clone(), None, None, None)))
+    assert any("inner stride" in r for r in cpp.not_supported_reasons(bi.validate(x, x.clone(), None, None, None)))
     monkeypatch.setenv(BACKEND_ENV, "cpp")
     with pytest.raises(BIReduceError, match="inner stride"):
         bi_reduce(x, x.clone())
@@ -209,14 +209,14 @@ def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
         bi_reduce(torch.randn(3, 4), torch.randn(3, 4))
     monkeypatch.delenv(BACKEND_ENV)
     x = torch.randn(3, 4)
-    assert bi.select_backend(bi._validate(x, x, None, None, None)).name == "torch"
+    assert bi.select_backend(bi.validate(x, x, None, None, None)).name == "torch"
 
 
 @needs_cpp
 def test_extension_and_torch_import_in_either_order():
     # torch ships its own libgomp; both load orders must give one working OpenMP runtime.
     snippet = (
-        "import torch; from shortgpt_fast.ops.bi_reduce_cpp import bi_reduce_cpp; "
+        "import torch; from shortgpt_fast.ops.bi_reduce.cpp import bi_reduce_cpp; "
         "x = torch.randn(257, 333); y = x + 1; "
         "a = bi_reduce_cpp(x, y, num_threads=2); b = bi_reduce_cpp(x, y, num_threads=1); "
         "assert torch.equal(a, b) and a[0, 0] == 257, a; print('ok')"
@@ -246,7 +246,7 @@ TRITON_CASES = [
 def test_triton_matches_reference(dtype, tokens, hidden, mask_kind, layout):
     case = make_case(tokens, hidden, dtype, mask_kind, layout, device=TRITON_DEVICE)
     out = torch.full((case[4], NUM_STATS), float("nan"), dtype=torch.float64, device=TRITON_DEVICE)
-    got = tri.run(bi._validate(*case), out=out)
+    got = tri.run(bi.validate(*case), out=out)
     assert got.data_ptr() == out.data_ptr()
     assert_accurate(got, *case)
 
@@ -260,8 +260,8 @@ def test_triton_angular_is_float64_accurate():
     x_in = torch.zeros(65, 2)
     x_in[:, 0] = 1.0
     x_out = torch.stack([torch.cos(angle), torch.sin(angle)], 1).float()
-    got = tri.run(bi._validate(x_in.to(TRITON_DEVICE), x_out.to(TRITON_DEVICE), None, None, None)).cpu()
-    expected = bi._torch_backend(bi._validate(x_in, x_out, None, None, None))
+    got = tri.run(bi.validate(x_in.to(TRITON_DEVICE), x_out.to(TRITON_DEVICE), None, None, None)).cpu()
+    expected = bi.torch_backend(bi.validate(x_in, x_out, None, None, None))
     assert (got - expected).abs().max() <= 1e-13
 
 
@@ -269,7 +269,7 @@ COMPILE_FOR_HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from shortgpt_fast.kernels import bi_reduce_triton as tri
+from shortgpt_fast.ops.bi_reduce import triton_kernel as tri
 
 row_sig = {"x_in_ptr": "*bf16", "x_out_ptr": "*bf16", "mask_ptr": "*i1", "terms_ptr": "*fp64", "tokens": "i32",
            "hidden": "i32", "in_row_stride": "i32", "in_col_stride": "i32", "out_row_stride": "i32",
@@ -308,11 +308,11 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
 @pytest.mark.parametrize("hidden", [4097, 8192])
 def test_triton_large_on_gpu(dtype, hidden):
     case = make_case(1000, hidden, dtype, "random", "row_strided", device="cuda")
-    first = tri.run(bi._validate(*case))
+    first = tri.run(bi.validate(*case))
     assert_accurate(first, *case)
-    fixed = tri.run(bi._validate(*case), autotune=False)
+    fixed = tri.run(bi.validate(*case), autotune=False)
     assert torch.equal(first, fixed), "autotuned and fixed configs must give the same bits"
-    assert torch.equal(tri.run(bi._validate(*case)), first)
+    assert torch.equal(tri.run(bi.validate(*case)), first)
 
 
 @needs_triton
@@ -320,7 +320,7 @@ def test_triton_deterministic_and_forced_by_env(monkeypatch):
     case = make_case(63, 333, torch.bfloat16, "random", "contiguous", device=TRITON_DEVICE)
     monkeypatch.setenv(BACKEND_ENV, "triton")
     first = bi_reduce(*case)
-    assert torch.equal(tri.run(bi._validate(*case)), first)
+    assert torch.equal(tri.run(bi.validate(*case)), first)
 
 
 @needs_triton
@@ -328,7 +328,7 @@ def test_triton_deterministic_and_forced_by_env(monkeypatch):
 def test_triton_is_never_picked_for_cpu_unless_forced(monkeypatch):
     case = make_case(4, 8, torch.float32, "all_one", "contiguous")
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert bi.select_backend(bi._validate(*case)).name != "triton"
+    assert bi.select_backend(bi.validate(*case)).name != "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv(BACKEND_ENV, "triton")
     with pytest.raises(BIReduceError, match="not a CUDA tensor"):
@@ -368,10 +368,43 @@ def test_zero_norm_rows_have_defined_values():
     x_in[2] = 1.0
     expected_rel = 0.0 + 1.0 + 4.0 / bi.EPS  # |b - a| / max(|b|, EPS) per row; |b - a| = 4 in row 2
     for name, backend in bi.backends().items():
-        inputs = bi._validate(x_in, x_out, None, None, None)
+        inputs = bi.validate(x_in, x_out, None, None, None)
         if backend.not_supported_reasons(inputs):
             continue
         got = backend.run(inputs)
         assert got[0, 1] == 3.0, name  # cos = 0 for every zero-norm row, so each row adds 1 - 0
         assert math.isclose(got[0, 2], 1.5, rel_tol=1e-12), name  # arccos(0) / pi = 1/2 per row
         assert math.isclose(got[0, 3], expected_rel, rel_tol=1e-12), name
+
+
+def test_registered_custom_op_passes_opcheck_and_matches_the_python_entry():
+    gen = torch.Generator().manual_seed(5)
+    x_in = torch.randn(63, 7, generator=gen)
+    x_out = x_in + 0.1 * torch.randn(63, 7, generator=gen)
+    mask = torch.rand(63, generator=gen) > 0.2
+    seq_index = torch.repeat_interleave(torch.arange(3), torch.tensor([20, 21, 22]))
+    args = (x_in, x_out, mask, seq_index, 3)
+    torch.library.opcheck(torch.ops.shortgpt_fast.bi_reduce.default, args)
+    assert torch.equal(torch.ops.shortgpt_fast.bi_reduce(*args), bi_reduce(*args))
+
+
+def test_bi_reduce_traces_under_torch_compile_without_graph_breaks():
+    import torch._dynamo
+
+    def layer_bi(h_in, h_out):
+        stats = bi_reduce(h_in, h_out)
+        return stats[:, bi.Stat.SUM_ONE_MINUS_COS] / stats[:, bi.Stat.TOKENS]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer_bi, fullgraph=True, backend="aot_eager")
+    x = torch.randn(17, 33)
+    y = x + torch.randn(17, 33)
+    assert torch.equal(compiled(x, y), layer_bi(x, y))
+    explained = torch._dynamo.explain(layer_bi)(x, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_columns_are_named_in_one_enum_that_every_backend_follows():
+    assert bi.STAT_COLUMNS == ("tokens", "sum_one_minus_cos", "sum_angular", "sum_rel_magnitude",
+                               "last_one_minus_cos", "last_angular")
+    assert [b.name for b in bi.BACKENDS] == ["triton", "cpp", "torch"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data.calibration import CalibrationSet
 from ..models.architectures import find_block_stack
-from ..ops.bi_reduce import NUM_STATS, bi_reduce
+from ..ops.bi_reduce import NUM_STATS, Stat, bi_reduce
 
 
 class ScoringError(ValueError):
@@ -133,13 +133,13 @@ class LayerAccumulator:
             seq_index = torch.arange(self.num_seqs, device=self.device)
             for n in range(1, self.max_span + 1):
                 span[n] = torch.stack([
-                    bi_reduce(self.boundary[start], self.boundary[start + n], None, seq_index, self.num_seqs)[:, 2]
+                    bi_reduce(self.boundary[start], self.boundary[start + n], None, seq_index, self.num_seqs)[:, Stat.SUM_ANGULAR]
                     for start in range(self.num_layers - n + 1)
                 ])
         acc = self.acc.cpu()  # the one host sync of scoring
         span = {n: v.cpu() for n, v in span.items()}
         _raise_on_non_finite(acc)
-        if float(acc[0, :, 0].sum()) == 0:
+        if float(acc[0, :, Stat.TOKENS].sum()) == 0:
             raise ScoringError("no calibration token was unmasked; check the attention mask")
         return LayerStats(acc, span, block_path, time.perf_counter() - started)
 
@@ -200,7 +200,7 @@ def collect_layer_stats(
 
 
 def _raise_on_non_finite(acc: torch.Tensor) -> None:
-    finite = torch.isfinite(acc[:, :, 1:4]).all(dim=(1, 2))
+    finite = torch.isfinite(acc[:, :, Stat.SUM_ONE_MINUS_COS:Stat.SUM_REL_MAGNITUDE + 1]).all(dim=(1, 2))
     if not bool(finite.all()):
         first = int((~finite).nonzero()[0, 0])
         raise ScoringError(

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..ops.bi_reduce import Stat
 from .block_influence import LayerStats
 
 # Metrics ranked "least important first" by ascending value: a block that changes its input least goes first.
@@ -54,29 +55,29 @@ class Scores:
 
     @property
     def tokens(self) -> int:
-        return int(self.stats.per_sequence[0, :, 0].sum())
+        return int(self.stats.per_sequence[0, :, Stat.TOKENS].sum())
 
-    def _token_mean(self, column: int) -> np.ndarray:
+    def _token_mean(self, column: Stat) -> np.ndarray:
         sums = self.stats.per_sequence[:, :, column].sum(dim=1)
-        return (sums / self.stats.per_sequence[:, :, 0].sum(dim=1)).numpy()
+        return (sums / self.stats.per_sequence[:, :, Stat.TOKENS].sum(dim=1)).numpy()
 
     @property
     def bi(self) -> np.ndarray:
-        return self._token_mean(1)
+        return self._token_mean(Stat.SUM_ONE_MINUS_COS)
 
     @property
     def angular(self) -> np.ndarray:
-        return self._token_mean(2)
+        return self._token_mean(Stat.SUM_ANGULAR)
 
     @property
     def relative_magnitude(self) -> np.ndarray:
-        return self._token_mean(3)
+        return self._token_mean(Stat.SUM_REL_MAGNITUDE)
 
     @property
     def angular_last_token(self) -> np.ndarray:
         per_seq = self.stats.per_sequence
-        has_tokens = (per_seq[:, :, 0] > 0).to(torch.float64)
-        return ((per_seq[:, :, 5] * has_tokens).sum(dim=1) / has_tokens.sum(dim=1)).numpy()
+        has_tokens = (per_seq[:, :, Stat.TOKENS] > 0).to(torch.float64)
+        return ((per_seq[:, :, Stat.LAST_ANGULAR] * has_tokens).sum(dim=1) / has_tokens.sum(dim=1)).numpy()
 
     def metric(self, name: str) -> np.ndarray:
         if name not in SCORE_METRICS:
@@ -98,8 +99,8 @@ class Scores:
             num_seqs = per_seq.shape[1]
             rng = np.random.default_rng(self.seed)
             counts = rng.multinomial(num_seqs, np.full(num_seqs, 1.0 / num_seqs), size=BOOTSTRAP_RESAMPLES)
-            sums = counts @ per_seq[:, :, 1].T
-            tokens = counts @ per_seq[:, :, 0].T
+            sums = counts @ per_seq[:, :, Stat.SUM_ONE_MINUS_COS].T
+            tokens = counts @ per_seq[:, :, Stat.TOKENS].T
             self._bootstrap = sums / np.maximum(tokens, 1)
         return self._bootstrap
 

@@ -1,4 +1,4 @@
-"""Launcher for the fused C++ BI reduction (csrc/bi_reduce.cpp); registers the "cpp" backend.
+"""Launcher for the fused C++ BI reduction (csrc/bi_reduce/): the "cpp" backend.
 
 The extension is optional: when `shortgpt_fast._C` is missing or stale, this module still imports, and the
 backend reports why in `not_supported_reasons`, so forcing it with SHORTGPT_FAST_BACKEND=cpp shows how to fix it.
@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .bi_reduce import NUM_STATS, Backend, BIReduceInputs, _validate, register_backend, seq_offsets
+from .contract import NUM_STATS, BIReduceInputs, seq_offsets, validate
 
 # Must match sgf::DType in csrc/common.h.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -49,7 +49,7 @@ def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "a
         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the C++ kernel; num_threads defaults to torch.get_num_threads(), isa to the best this CPU runs.
 
-    out: optional float64 [num_seqs, 6] CPU buffer, every entry of which is overwritten.
+    out: optional float64 [num_seqs, NUM_STATS] CPU buffer, every entry of which is overwritten.
     """
     if _EXTENSION_PROBLEM is not None:
         raise RuntimeError(_EXTENSION_PROBLEM)
@@ -72,7 +72,7 @@ def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "a
 
 def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_threads=None, isa="auto", out=None):
     """bi_reduce forced onto the C++ kernel with an explicit thread count and ISA build (tests, benchmarks)."""
-    inputs = _validate(x_in, x_out, mask, seq_index, num_seqs)
+    inputs = validate(x_in, x_out, mask, seq_index, num_seqs)
     reasons = not_supported_reasons(inputs)
     if reasons:
         raise RuntimeError("cpp backend cannot run these inputs: " + "; ".join(reasons))
@@ -82,5 +82,3 @@ def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_
 def available_isas() -> list:
     return list(_C.bi_reduce_isas()) if _EXTENSION_PROBLEM is None else []
 
-
-register_backend(Backend("cpp", run, not_supported_reasons), prefer=True)

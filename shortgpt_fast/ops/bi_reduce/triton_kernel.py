@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from shortgpt_fast.ops.bi_reduce import BACKEND_ENV, EPS, NUM_STATS, Backend, BIReduceInputs, register_backend, seq_offsets
+from .contract import BACKEND_ENV, EPS, NUM_STATS, BIReduceInputs, Stat, seq_offsets
+from .registry import forced_backend
 
 try:
     import triton
@@ -43,6 +44,14 @@ def _interpreting() -> bool:
 
 
 if triton is not None:
+    # Output layout of stage 2, from contract.Stat: module-level constexprs are the globals a jit function may read.
+    NUM_STATS_ = tl.constexpr(NUM_STATS)
+    STAT_TOKENS = tl.constexpr(int(Stat.TOKENS))
+    STAT_SUM_OMC = tl.constexpr(int(Stat.SUM_ONE_MINUS_COS))
+    STAT_SUM_ANG = tl.constexpr(int(Stat.SUM_ANGULAR))
+    STAT_SUM_REL = tl.constexpr(int(Stat.SUM_REL_MAGNITUDE))
+    STAT_LAST_OMC = tl.constexpr(int(Stat.LAST_ONE_MINUS_COS))
+    STAT_LAST_ANG = tl.constexpr(int(Stat.LAST_ANGULAR))
 
     @triton.jit
     def _row_total(x, LOG2_WIDTH: tl.constexpr):
@@ -154,13 +163,14 @@ if triton is not None:
         last_omc = tl.load(terms_ptr + last_row * 3 + 0, mask=has_last, other=0.0)
         last_ang = tl.load(terms_ptr + last_row * 3 + 1, mask=has_last, other=0.0)
         one = tl.arange(0, 1)
-        out = out_ptr + seq * 6 + one
-        tl.store(out + 0, count)
-        tl.store(out + 1, sum_omc)
-        tl.store(out + 2, sum_ang)
-        tl.store(out + 3, sum_rel)
-        tl.store(out + 4, tl.where(has_last, last_omc, 0.0))
-        tl.store(out + 5, tl.where(has_last, last_ang, 0.0))
+        # Columns follow contract.Stat.
+        out = out_ptr + seq * NUM_STATS_ + one
+        tl.store(out + STAT_TOKENS, count)
+        tl.store(out + STAT_SUM_OMC, sum_omc)
+        tl.store(out + STAT_SUM_ANG, sum_ang)
+        tl.store(out + STAT_SUM_REL, sum_rel)
+        tl.store(out + STAT_LAST_OMC, tl.where(has_last, last_omc, 0.0))
+        tl.store(out + STAT_LAST_ANG, tl.where(has_last, last_ang, 0.0))
 
     _tuned_row_kernel = None
 
@@ -189,7 +199,7 @@ def not_supported_reasons(inputs: BIReduceInputs) -> list:
     if device.type == "cpu" and _interpreting():
         # The interpreter is orders of magnitude slower than the C++ kernel: a test suite that sets
         # TRITON_INTERPRET=1 globally must not route every CPU call through it, only the ones that ask.
-        if os.environ.get(BACKEND_ENV, "").strip().lower() == "triton":
+        if forced_backend() == "triton":
             return []
         return [f"interpreted Triton runs CPU tensors only when forced with {BACKEND_ENV}=triton"]
     return [f"not a CUDA tensor (inputs are on {device}); set TRITON_INTERPRET=1 and {BACKEND_ENV}=triton to "
@@ -197,7 +207,7 @@ def not_supported_reasons(inputs: BIReduceInputs) -> list:
 
 
 def run(inputs: BIReduceInputs, autotune: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch both stages. autotune defaults to True on a real GPU; out: optional float64 [num_seqs, 6] buffer."""
+    """Launch both stages. autotune defaults to True on a real GPU; out: optional float64 [num_seqs, NUM_STATS]."""
     if _TRITON_PROBLEM is not None:
         raise RuntimeError(_TRITON_PROBLEM)
     x_in, x_out = inputs.x_in, inputs.x_out
@@ -227,5 +237,3 @@ def run(inputs: BIReduceInputs, autotune: bool | None = None, out: torch.Tensor 
     _bi_seq_reduce_kernel[(inputs.num_seqs,)](terms, mask, offsets, out, SEQ_BLOCK_=SEQ_BLOCK, num_warps=SEQ_WARPS)
     return out
 
-
-register_backend(Backend("triton", run, not_supported_reasons, auto_devices=("cuda",)), prefer=True)
