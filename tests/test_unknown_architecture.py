@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, find_block_stack
-from shortgpt_fast.models.config_surgery import prune_config_dict
+from shortgpt_fast.models.config_surgery import ConfigSurgeryError, prune_config_dict
 from shortgpt_fast.surgery.in_memory import prune_model
 from shortgpt_fast.surgery.verify_structure import StructureMismatch
 
@@ -59,9 +59,13 @@ def test_fallback_prunes_and_renumbers_only_when_told_to_skip_the_proof():
 def test_layer_prefix_and_per_layer_fields_are_inferred():
     names = [f"net.trunk.{i}.mix.weight" for i in range(5)] + ["net.embed.weight", "net.heads.0.weight"]
     assert checkpoint_layer_prefix(names, 5, model_type="homegrown") == "net.trunk"
+    # A list as long as the layer count whose meaning is unknown is refused, not guessed: falcon_h1's five
+    # ssm_multipliers look per-layer on a 5-layer model and are not.
     cfg = {"num_hidden_layers": 5, "widths": [1, 2, 3, 4, 5], "eos_token_id": 3, "vocab": [9, 9]}
-    out = prune_config_dict(cfg, [0, 4])
-    assert out["widths"] == [2, 3, 4] and out["vocab"] == [9, 9] and out["num_hidden_layers"] == 3
+    with pytest.raises(ConfigSurgeryError, match="'widths' has one entry per layer"):
+        prune_config_dict(cfg, [0, 4])
+    out = prune_config_dict({"num_hidden_layers": 5, "eos_token_id": 3, "vocab": [9, 9]}, [0, 4])
+    assert out["vocab"] == [9, 9] and out["num_hidden_layers"] == 3
 
 
 def test_nothing_recognisable_lists_what_was_found():

@@ -33,6 +33,7 @@ from shortgpt_fast.models.config_surgery import (
     ConfigSurgeryError,
     index_map,
     layer_count,
+    mtp_layer_count,
     prune_config_dict,
     validate_layers,
 )
@@ -75,6 +76,8 @@ class CutResult:
     resumed: bool = False
     # In place: the folder already records this exact cut (a rerun after the run that made it was killed late).
     already_done: bool = False
+    # Decoder layers before the cut. index_map may hold more entries: MTP layers stored after the stack move too.
+    num_layers: int = 0
 
 
 @dataclass
@@ -281,8 +284,11 @@ def build_plan(src: Path, layers: Union[str, Iterable[int]]) -> Plan:
     if history is not None and not (isinstance(history, dict) and isinstance(history.get("cuts"), list)):
         raise SurgeryError(f"{config_path}: {CUT_RECORD_KEY} is not a record of earlier cuts; delete that key")
     try:
-        prefix = checkpoint_layer_prefix(owner, num_layers, model_type)
-        mapping = index_map(removed, num_layers)
+        # Multi-token-prediction layers (DeepSeek-V3, GLM-4.5) are stored after the decoder layers, at N..N+k-1;
+        # they are never removed and move down to follow the kept layers.
+        mtp = mtp_layer_count(cfg)
+        prefix = checkpoint_layer_prefix(owner, num_layers, model_type, extra_layers=mtp)
+        mapping = index_map(removed, num_layers, extra_layers=mtp)
         new_cfg = prune_config_dict(cfg, removed)
     except (ArchitectureError, ConfigSurgeryError) as e:
         raise SurgeryError(str(e)) from None
@@ -1060,7 +1066,7 @@ def cut_checkpoint(
             mapping = {old: new for new, old in enumerate(i for i in range(record["num_layers"]) if i not in gone)}
             return CutResult(removed=record["removed"], index_map=mapping, output=src, bytes_copied=0,
                              shards_written=0, seconds=time.perf_counter() - start, in_place=True,
-                             copy_method=copy_method, already_done=True)
+                             copy_method=copy_method, already_done=True, num_layers=record["num_layers"])
         output, method = src, copy_method
     else:
         if os.path.lexists(src / JOURNAL_NAME):
@@ -1083,13 +1089,14 @@ def cut_checkpoint(
         copy_method=method,
         verified=verify,
         resumed=resumed,
+        num_layers=plan.num_layers,
     )
 
 
 def _run_cut_command(args: argparse.Namespace) -> int:
     result = cut_checkpoint(args.checkpoint, args.layers, out=args.out, in_place=args.in_place,
                             verify=args.verify, copy_method=args.copy_method, check=not args.no_verify)
-    kept = len(result.index_map)
+    kept = result.num_layers - len(result.removed)
     if result.already_done:
         print(f"already done: layers {result.removed} were removed from {result.output} by an earlier run of this cut "
               f"(recorded in {CONFIG_NAME}); nothing changed. To remove more layers, use the current numbering "

@@ -8,25 +8,27 @@ from torch import nn
 
 from ..models.architectures import find_block_stack, renumber_block_indices
 from ..models.config_surgery import apply_to_config, validate_layers
-from .verify_structure import INDEX_ATTRIBUTES, StructureMismatch, verify_pruned_config
+from .verify_structure import INDEX_ATTRIBUTES, StructureMismatch, holds_layer_indices, verify_pruned_config
 
 
-def _index_attributes(skeleton_blocks) -> list[list[tuple[str, str, int]]]:
-    """Per block of a freshly built skeleton: every (submodule path, attribute, value) that holds a layer index.
+def _index_attributes(skeleton: nn.Module) -> list[tuple[str, str, object]]:
+    """Every (module path, attribute, value) of a freshly built skeleton that holds a layer index.
 
     transformers decides these values, not us: a block with two attention sublayers (LongCat-Flash) numbers them
-    2i and 2i+1 for the KV cache, which a plain "set every layer_idx to i" would get wrong.
+    2i and 2i+1 for the KV cache, and Zamba2's shared block maps global layer indices to adapter slots
+    (`layer_dic`) and ties its weights across hybrid layers by name, which a plain "set every layer_idx to i" would
+    get wrong.
     """
-    out = []
-    for block in skeleton_blocks:
-        entries = []
-        for path, module in block.named_modules():
-            for attr in INDEX_ATTRIBUTES:
-                value = getattr(module, attr, None)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    entries.append((path, attr, value))
-        out.append(entries)
-    return out
+    entries = []
+    for path, module in skeleton.named_modules():
+        for attr, value in vars(module).items():
+            if attr in INDEX_ATTRIBUTES and isinstance(value, int) and not isinstance(value, bool):
+                entries.append((path, attr, value))
+            elif attr in ("_tied_weights_keys", "all_tied_weights_keys") or \
+                    (not attr.startswith("_") and holds_layer_indices(attr, value)):
+                # The tie map names tensors by layer (Zamba2's shared block); save_pretrained reads it.
+                entries.append((path, attr, copy.deepcopy(value)))
+    return entries
 
 
 def prune_model(model: nn.Module, layers: Sequence[int], verify: bool = True) -> nn.Module:
@@ -65,7 +67,7 @@ def prune_model(model: nn.Module, layers: Sequence[int], verify: bool = True) ->
         pruned = copy.deepcopy(config)
         apply_to_config(pruned, removed)
         _, new_skeleton, _ = verify_pruned_config(before, pruned.to_dict(), removed)
-        index_values = _index_attributes(find_block_stack(new_skeleton).blocks)
+        index_values = _index_attributes(new_skeleton)
 
     gone = set(removed)
     kept = nn.ModuleList(block for i, block in enumerate(stack.blocks) if i not in gone)
@@ -73,12 +75,10 @@ def prune_model(model: nn.Module, layers: Sequence[int], verify: bool = True) ->
     for c in configs:
         apply_to_config(c, removed)
     renumber_block_indices(kept, stack.index_attributes)
-    if index_values is not None:
-        for block, entries in zip(kept, index_values):
-            for path, name, value in entries:
-                try:
-                    module = block.get_submodule(path) if path else block
-                except AttributeError:
-                    continue  # a wrapper (e.g. peft) moved the module; the generic renumbering above covered it
-                setattr(module, name, value)
+    for path, name, value in index_values or ():
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue  # a wrapper (e.g. peft) moved the module; the generic renumbering above covered it
+        setattr(module, name, value)
     return model

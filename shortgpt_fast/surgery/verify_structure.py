@@ -53,9 +53,14 @@ def normalized_config(cfg: Mapping) -> dict:
 
 
 def _config_object(cfg: Mapping):
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     d = copy.deepcopy(dict(cfg))
+    # config.json spells inf/nan as {"__float__": "Infinity"}; from_pretrained decodes them, so do the same.
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+    if decode is not None:
+        d = decode(d)
     # Quantization only changes how weights are stored; building a quantized skeleton needs the backend (often a
     # GPU), and the checkpoint comparison below carries the quantized names over as an accepted difference.
     d.pop("quantization_config", None)
@@ -66,7 +71,7 @@ def _config_object(cfg: Mapping):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoConfig.for_model(model_type, **d)
+            return CONFIG_MAPPING[model_type].from_dict(dict(d, model_type=model_type))
     except Exception as err:  # noqa: BLE001 - any failure means we cannot prove the cut
         raise StructureMismatch(f"transformers cannot build a {model_type!r} config ({_first_line(err)}); "
                                 "cannot verify the cut, pass --no-verify to skip the check") from None
@@ -123,10 +128,60 @@ def _value(v: Any, depth: int = 0) -> Any:
     return None
 
 
-def module_signature(root, skip: Iterable[str] = (), ignore_attributes: Iterable[str] = INDEX_ATTRIBUTES) -> dict:
+def holds_layer_indices(name: str, value: Any) -> bool:
+    """An attribute that names layers by index (Zamba2's `layer_dic` {layer: slot}, `layer_block_map` [layers])."""
+    if "layer" not in name.lower():
+        return False
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(k, int) and not isinstance(k, bool) for k in value)
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return False
+
+
+def _renumbered(value: Any, mapping: Mapping[int, int]) -> Any:
+    if isinstance(value, dict):
+        return {mapping[k]: v for k, v in value.items() if k in mapping}
+    return type(value)(mapping[v] for v in value if v in mapping)
+
+
+def _renamed_paths(value: Any, stack_path: str, mapping: Mapping[int, int]) -> Any:
+    """Tensor or module names under the block stack, renumbered; entries naming a removed layer are dropped.
+
+    The tie map (`all_tied_weights_keys`, e.g. Zamba2's shared block tied across hybrid layers) names layers.
+    """
+    prefix = stack_path + "."
+
+    def rename(text: str) -> Optional[str]:
+        if not text.startswith(prefix):
+            return text
+        head, dot, tail = text[len(prefix):].partition(".")
+        if not head.isdigit():
+            return text
+        return None if int(head) not in mapping else f"{prefix}{mapping[int(head)]}{dot}{tail}"
+
+    if isinstance(value, str):
+        return rename(value)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            k2 = rename(k) if isinstance(k, str) else k
+            v2 = _renamed_paths(v, stack_path, mapping)
+            if k2 is not None and v2 is not None:
+                out[k2] = v2
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(x for x in (_renamed_paths(v, stack_path, mapping) for v in value) if x is not None)
+    return value
+
+
+def module_signature(root, skip: Iterable[str] = (), ignore_attributes: Iterable[str] = INDEX_ATTRIBUTES,
+                     index_map: Optional[Mapping[int, int]] = None, stack_path: Optional[str] = None) -> dict:
     """{path: description} for every submodule class, parameter, buffer and stored scalar attribute under `root`.
 
     `skip` names dotted submodule paths (with their subtrees) left out, e.g. the block stack when comparing the rest.
+    `index_map` (old -> new layer index) renumbers attributes that hold layer indices, so the original's
+    signature reads as the pruned model's should.
     """
     skip = tuple(skip)
     ignore = frozenset(ignore_attributes)
@@ -144,6 +199,14 @@ def module_signature(root, skip: Iterable[str] = (), ignore_attributes: Iterable
         for name, v in vars(module).items():
             if name.startswith("_") or name == "training" or name in ignore or name in _PATTERN_SUMMARY_ATTRIBUTES:
                 continue
+            if index_map is not None and holds_layer_indices(name, v):
+                v = _renumbered(v, index_map)
+            elif index_map is not None and stack_path and "tied" in name:
+                # Names are relative to the module holding them: "layers.5..." inside "model".
+                relative = stack_path if not path else \
+                    stack_path[len(path) + 1:] if stack_path.startswith(path + ".") else None
+                if relative:
+                    v = _renamed_paths(v, relative, index_map)
             comparable = _value(v)
             if comparable is not None:
                 sig[f"{where}.{name}"] = comparable
@@ -192,6 +255,9 @@ def compare_per_layer_config(old_norm: dict, new_norm: dict, mapping: Mapping[in
         if not (isinstance(value, (list, str)) and isinstance(after, (list, str)) and len(value) == n_old
                 and len(after) == n_new and n_old != n_new):
             continue
+        if holds_layer_indices("layer", value) and sorted(set(value)) == list(value) and value[-1] < n_old \
+                and list(after) == _renumbered(list(value), mapping):
+            continue  # a list of layer indices that happens to name every layer (llama4 Scout's moe_layers)
         for i, j in mapping.items():
             if value[i] != after[j]:
                 raise StructureMismatch(f"config field {key!r}: layer {i} was {value[i]!r} but its new index {j} "
@@ -219,14 +285,27 @@ def verify_pruned_config(old_cfg: Mapping, new_cfg: Mapping, removed: Sequence[i
                                 f"({len(old_stack.blocks)} minus {len(gone)} removed)")
     mapping = {old: new for new, old in enumerate(kept)}
     for old_i, new_i in mapping.items():
-        why = _diff(module_signature(old_stack.blocks[old_i]), module_signature(new_stack.blocks[new_i]))
+        why = _diff(module_signature(old_stack.blocks[old_i], index_map=mapping),
+                    module_signature(new_stack.blocks[new_i]))
         if why:
             raise StructureMismatch(f"layer {old_i} (new index {new_i}) would change: {why}")
-    outside_old = module_signature(old_skeleton, skip=(old_stack.path,))
+    outside_old = module_signature(old_skeleton, skip=(old_stack.path,), index_map=mapping,
+                                   stack_path=old_stack.path)
     outside_new = module_signature(new_skeleton, skip=(new_stack.path,))
     # Values that are the layer count itself legitimately change (e.g. a stored num_hidden_layers).
     for key in list(outside_old):
         if outside_old[key] == ("v", len(old_stack.blocks)) and outside_new.get(key) == ("v", len(kept)):
+            del outside_old[key], outside_new[key]
+    # Per-layer lists kept outside the layers (Zamba2's model.layers_block_type) must follow their layers.
+    n_old, n_new = len(old_stack.blocks), len(kept)
+    for key in list(outside_old):
+        a, b = outside_old[key], outside_new.get(key)
+        if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "seq" and len(a[1]) == n_old \
+                and len(b[1]) == n_new:
+            for i, j in mapping.items():
+                if a[1][i] != b[1][j]:
+                    raise StructureMismatch(f"outside the layers, {key} says {_show(a[1][i])} for layer {i} but "
+                                            f"{_show(b[1][j])} for its new index {j}")
             del outside_old[key], outside_new[key]
     why = _diff(outside_old, outside_new)
     if why:
