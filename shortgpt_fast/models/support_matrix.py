@@ -370,8 +370,11 @@ class _AsBefore(Exception):
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else ""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    # Validation errors put a generic line first ("Class validation error for validator ...:") and the reason next.
+    return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _clip(line: str, width: int = 110) -> str:

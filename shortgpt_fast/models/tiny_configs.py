@@ -104,6 +104,15 @@ def _mamba_fields(cfg: dict) -> dict:
     return out
 
 
+def _per_layer_size(cfg: dict, key: str, value: Any) -> Any:
+    """A per-layer override's size field: the stack's own head counts (MLA ties K/V heads to heads), else the table."""
+    if not isinstance(value, int) or isinstance(value, bool) or key not in _SIZE:
+        return value
+    if key in ("num_attention_heads", "num_key_value_heads") and isinstance(cfg.get(key), int):
+        return cfg[key]
+    return _SIZE[key]
+
+
 def _resize_per_layer(value: list, old_layers: int, new_layers: int) -> list:
     """A per-layer list of the default config keeps its own pattern, cut to the new depth."""
     return list(value[:new_layers]) + [value[-1]] * max(0, new_layers - len(value))
@@ -147,12 +156,17 @@ def shrink_dict(cfg: dict, *, tower: bool = False, layers: int = LAYERS) -> dict
             cfg[key] = vocab - 1 - (hash(key) % 8)
         elif key.endswith("_token_id") and isinstance(value, list):
             cfg[key] = [v if not isinstance(v, int) or v < vocab else vocab - 1 for v in value]
+        elif (old_layers and not tower and isinstance(value, str) and len(value) == old_layers != layers
+              and key.endswith("pattern")):
+            cfg[key] = value[:layers]  # one character per layer (Nemotron-H's hybrid_override_pattern)
         elif (old_layers and not tower and isinstance(value, list) and len(value) == old_layers
               and old_layers != layers and key not in ("architectures",)):
             cfg[key] = _resize_per_layer(value, old_layers, layers)
-        elif (not tower and isinstance(value, dict) and value and all(str(k).isdigit() for k in value)):
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
             # Per-layer overrides keyed by layer index ("05": {...}): keep the layers that still exist.
-            cfg[key] = {k: v for k, v in value.items() if int(k) < layers}
+            cfg[key] = {k: {f: _per_layer_size(cfg, f, x)
+                            for f, x in v.items()} if isinstance(v, dict) else v
+                        for k, v in value.items() if int(k) < (1 if tower else layers)}
         elif (not tower and old_layers and isinstance(value, list) and value and key.endswith(("_layers", "_idxs",
               "_layer_ids")) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             # Index lists: keep only indices that still exist.
@@ -169,6 +183,14 @@ def shrink_dict(cfg: dict, *, tower: bool = False, layers: int = LAYERS) -> dict
 # 1 and 4 changes them, and config keys with type-specific meaning. Keep each entry a few keys.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8, "head_dim": 8},
+    # Its default pattern has four layers; this one has all four block kinds and loses an attention and a mamba.
+    "nemotron_h": {"hybrid_override_pattern": "M*E-M*", "layers_block_type": DROP, "num_hidden_layers": DROP},
+    "deepseek_v2": {"num_experts_per_tok": TOP_K, "n_group": 2, "topk_group": 1},
+    "dory": {"n_input_layers": 2, "n_recurrent_layers": 2, "n_output_layers": 2},
+    "zaya": {"num_experts_per_tok": 1},  # the only value its config accepts
+    # Sliding layers use plain heads as wide as the latent ones (nope + rope).
+    "dots3_note_text": {"head_dim": 16},
+    "dots3_note": {"text_config.head_dim": 16},
     "xlstm": {"num_blocks": LAYERS, "num_heads": 2},
     "reformer": {"is_decoder": True},
     "dots1": {"n_routed_experts": EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": TOP_K,
@@ -192,12 +214,16 @@ def tiny_config(model_type: str, overrides: Optional[dict] = None):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    defaults = cls().to_dict()
+    fixes = {**OVERRIDES.get(model_type, {}), **(overrides or {})}
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # noqa: BLE001 - a few classes reject their own defaults; the overrides make them valid
+        defaults = cls(**{k: v for k, v in fixes.items() if "." not in k and v is not DROP}).to_dict()
     for key in ("transformers_version", "architectures", "_name_or_path", "model_type", "id2label", "label2id",
                 "dtype", "torch_dtype"):
         defaults.pop(key, None)
     small = shrink_dict(defaults)
-    for key, value in {**OVERRIDES.get(model_type, {}), **(overrides or {})}.items():
+    for key, value in fixes.items():
         _set_path(small, key, value)
     return cls(**small)
 
