@@ -208,11 +208,6 @@ EXPECTED: dict[tuple[str, str], str] = {
     ('xlstm', 'cut in-place'): 'refused: the pruned config builds 6 layers, expected 4 (6 minus 2 remove',
     ('xlstm', 'generate'): 'needs prune',
     ('zamba', "build"): 'untested: forward: RuntimeError: The size of tensor a (32) must match th',
-    ('zamba2', 'prune'): 'refused: outside the layers, the pruned model would change: model.layers',
-    ('zamba2', 'reload'): 'needs prune',
-    ('zamba2', 'cut'): 'refused: outside the layers, the pruned model would change: model.layers',
-    ('zamba2', 'cut in-place'): 'refused: outside the layers, the pruned model would change: model.layers',
-    ('zamba2', 'generate'): 'needs prune',
     ('zaya', 'reload'): 'needs prune',
     ('zaya', 'generate'): 'needs prune',
 }
