@@ -552,19 +552,28 @@ def _block_io_reference(model, calib) -> torch.Tensor:
     blocks = find_block_stack(model).blocks
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     counts = torch.zeros(len(blocks), dtype=torch.float64)
+    batch, seq_len = calib.input_ids.shape
+
+    def per_token(t: torch.Tensor) -> torch.Tensor:
+        # One row per token: find the (batch, seq) axis pair, bring it to the front, and flatten whatever else there
+        # is (several residual streams: DeepSeek-V4 [B, S, N, D], Gemma-3n [N, B, S, D]) into the row.
+        t = t.double()
+        for k in range(t.dim() - 1):
+            if tuple(t.shape[k:k + 2]) == (batch, seq_len):
+                return t.movedim((k, k + 1), (0, 1)).reshape(batch * seq_len, -1)
+        if tuple(t.shape[:2]) == (seq_len, batch):  # sequence-first (XLNet)
+            return t.transpose(0, 1).reshape(batch * seq_len, -1)
+        raise AssertionError(f"reference: no (batch, seq) axes in a hidden state of shape {list(t.shape)}")
 
     def hook_for(i):
         def hook(module, args, kwargs, output):
-            a = _block_input(args, kwargs).double().reshape(-1, model_width(output))
-            b = (output if isinstance(output, torch.Tensor) else output[0]).double().reshape(a.shape)
+            a = per_token(_block_input(args, kwargs))
+            b = per_token(output if isinstance(output, torch.Tensor) else output[0])
             # The scorer's convention for a zero row (ops/bi_reduce.py): cos = dot / EPS, so BI 1, not NaN.
             cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).clamp(-1, 1)
             sums[i] += (1 - cos).sum()
             counts[i] += a.shape[0]
         return hook
-
-    def model_width(output):
-        return (output if isinstance(output, torch.Tensor) else output[0]).shape[-1]
 
     handles = [b.register_forward_hook(hook_for(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
@@ -572,7 +581,9 @@ def _block_io_reference(model, calib) -> torch.Tensor:
     finally:
         for h in handles:
             h.remove()
-    return sums / counts
+    # A block the forward never called (Mllama's cross-attention layers without an image) passed its input on
+    # unchanged: every token has cos 1, so BI 0, not 0/0.
+    return torch.where(counts > 0, sums / counts.clamp_min(1), 0.0)
 
 
 def _generate(model, prompt) -> torch.Tensor:

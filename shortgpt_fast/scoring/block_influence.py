@@ -2,8 +2,10 @@
 
 Each block is scored on its own input and output, captured by a forward hook. `output_hidden_states` is never used:
 its last entry comes after the final norm, which silently corrupts the last layer's BI (NOTES §2). The forward stops
-by exception right after the last block, so the final norm and the lm_head never run. Per-sequence sums stay on the
-device; the only host sync is at the end of scoring.
+by exception right after the last block, so the final norm and the lm_head never run; only the first batch runs on
+to just before the output head, to catch blocks that run more than once per forward (refused: BI is undefined for
+them). A block the forward skips (an input it does not apply to) scores as the identity it then is. Per-sequence sums
+stay on the device; the only host sync is at the end of scoring.
 """
 from __future__ import annotations
 
@@ -71,6 +73,10 @@ class BatchLayout:
     def batch(self) -> int:
         return int(self.rows.shape[0])
 
+    @property
+    def seq_len(self) -> int:
+        return int(self.mask.shape[0]) // max(self.batch, 1)
+
     def to(self, device) -> "BatchLayout":
         return BatchLayout(*(t.to(device) for t in (self.rows, self.mask, self.seq_index, self.batch_index,
                                                     self.last_pos)))
@@ -90,6 +96,44 @@ def batch_layout(mask2d: torch.Tensor, start: int, device) -> BatchLayout:
     )
 
 
+def token_states(hidden: torch.Tensor, batch: int, seq_len: int, layer: int) -> torch.Tensor:
+    """A block's hidden state as [batch, seq_len, width]: one row per token, whatever layout the model uses.
+
+    - [batch, seq, hidden]: the usual layout, returned as is.
+    - [seq, batch, hidden]: sequence-first models (XLNet); transposed. When batch == seq_len the two cannot be told
+      apart by shape, and the batch-first convention of transformers is assumed.
+    - [batch, seq, streams, hidden] (DeepSeek-V4 and HY-V4 manifold hyper-connections) and
+      [streams, batch, seq, hidden] (Gemma-3n AltUp): several residual streams per token. The streams are flattened
+      into the hidden dimension, so BI = 1 - cos between the token's whole residual state before and after the block.
+      That is the state the next block consumes and the one an identity skip passes on unchanged: a skipped block
+      scores exactly 0 and the score stays a property of the block, not of one stream. Comparing a single "primary"
+      stream is not defensible here: mHC streams are symmetric (mixed by learned weights), and Gemma-3n's final
+      output averages all AltUp streams, so a block that only changes the other streams would look free to remove.
+    """
+    shape = tuple(hidden.shape)
+    if hidden.dim() == 3:
+        if shape[:2] == (batch, seq_len):
+            return hidden
+        if shape[:2] == (seq_len, batch):
+            return hidden.transpose(0, 1)
+    elif hidden.dim() == 4:
+        batch_first = shape[:2] == (batch, seq_len)
+        streams_first = shape[1:3] == (batch, seq_len)
+        if batch_first and not streams_first:
+            return hidden.reshape(batch, seq_len, shape[2] * shape[3])
+        if streams_first and not batch_first:
+            return hidden.permute(1, 2, 0, 3).reshape(batch, seq_len, shape[0] * shape[3])
+    if hidden.dim() == 4 and shape[:2] == (batch, seq_len) and shape[1:3] == (batch, seq_len):
+        raise ScoringError(f"layer {layer}'s hidden state {list(shape)} has equal batch, sequence and stream sizes, "
+                           "so its token axes are ambiguous; use another --batch-size")
+    # CPM-Ant prepends learned prompt positions, ProphetNet's decoder concatenates its n-gram streams along the
+    # sequence: positions that are not the calibration tokens, which the attention mask cannot be matched to.
+    raise ScoringError(
+        f"layer {layer}'s hidden state has shape {list(shape)}, which is not one row per calibration token (batch "
+        f"{batch}, sequence {seq_len}): the model adds positions or streams inside its blocks, so BI per token is "
+        "undefined; ShortGPT scoring does not support it")
+
+
 class LayerAccumulator:
     """Per-sequence metric sums on the device; in-memory and streamed scoring both feed blocks through `add`.
 
@@ -107,6 +151,8 @@ class LayerAccumulator:
         self.boundary: Optional[torch.Tensor] = None
 
     def add(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor, layout: BatchLayout) -> None:
+        hidden_in = token_states(hidden_in, layout.batch, layout.seq_len, layer)
+        hidden_out = token_states(hidden_out, layout.batch, layout.seq_len, layer)
         batch, tokens, hidden = hidden_out.shape
         rows = layout.rows
         if hidden_out.device != layout.mask.device:
@@ -126,6 +172,19 @@ class LayerAccumulator:
         if layer == 0:
             self.boundary[0, rows] = hidden_in[layout.batch_index, layout.last_pos].float().to(self.device)
         self.boundary[layer + 1, rows] = hidden_out[layout.batch_index, layout.last_pos].float().to(self.device)
+
+    def add_skipped(self, layer: int, layout: BatchLayout) -> None:
+        """A block the forward pass skipped for this batch (Mllama's cross-attention layers without an image).
+
+        Its output is its input, so every token has cos 1: BI 0, angular distance 0, relative magnitude 0. That is
+        what the model computes on this data, and what removing the block changes on it: nothing.
+        """
+        per_row = layout.mask.reshape(layout.batch, -1).sum(dim=1).to(self.acc.device, torch.float64)
+        self.acc[layer, layout.rows.to(self.device)] = 0
+        self.acc[layer, layout.rows.to(self.device), Stat.TOKENS] = per_row
+        if self.boundary is not None:
+            rows = layout.rows.to(self.device)
+            self.boundary[layer + 1, rows] = self.boundary[layer, rows]
 
     def finish(self, block_path: str, started: float) -> LayerStats:
         span = {}
@@ -165,19 +224,37 @@ def collect_layer_stats(
     accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
     needs_positions = bool((calib.attention_mask == 0).any())
 
-    state: dict = {}
+    state: dict = {"check_repeats": True}
 
     def make_hook(layer: int):
         def hook(module, args, kwargs, output):
+            ran = state["ran"]
+            if layer in ran:
+                # Looped or recurrent-depth models (HRM, Dory) run the same block several times per forward. BI
+                # compares a block's input with its output; with several passes there are several pairs, and
+                # removing the block removes all of its passes at once, which no single pair (nor their mean)
+                # measures. No per-block score is defensible, so refuse rather than rank on the first pass.
+                raise ScoringError(
+                    f"layer {layer} of {stack.path} runs more than once per forward pass (a looped or recurrent-depth "
+                    f"model, {type(model).__name__}): Block Influence per block is undefined there; ShortGPT scoring "
+                    "does not support this model")
+            ran.add(layer)
             hidden_in, hidden_out = _block_io(args, kwargs, output)
             accumulator.add(layer, hidden_in, hidden_out, state["layout"])
-            if layer == num_layers - 1:
+            if layer == num_layers - 1 and not state["check_repeats"]:
                 raise _StopAfterLastBlock
             return None
 
         return hook
 
+    def stop_before_head(module, args):
+        raise _StopAfterLastBlock
+
     handles = [blk.register_forward_hook(make_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+    # The first batch runs on past the last block, up to the output head, so a block that runs again later in the
+    # same forward (a loop over the stack) is seen; later batches stop right after the last block.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_handle = head.register_forward_pre_hook(stop_before_head) if isinstance(head, nn.Module) else None
     started = time.perf_counter()
     try:
         starts = range(0, num_seqs, batch_size)
@@ -186,16 +263,26 @@ def collect_layer_stats(
             ids = calib.input_ids[start:stop].to(device)
             mask2d = calib.attention_mask[start:stop].to(device)
             state["layout"] = batch_layout(mask2d, start, device)
+            state["ran"] = set()
             try:
                 model(**_forward_kwargs(model, ids, mask2d, needs_positions))
             except _StopAfterLastBlock:
                 pass
-            else:
+            if num_layers - 1 not in state["ran"]:
                 raise ScoringError("the forward pass never reached the last block; the block stack is not on the "
                                    f"model's forward path ({stack.path})")
+            for layer in range(num_layers):
+                if layer not in state["ran"]:
+                    accumulator.add_skipped(layer, state["layout"])
+            state["check_repeats"] = False
+            if head_handle is not None:
+                head_handle.remove()
+                head_handle = None
     finally:
         for handle in handles:
             handle.remove()
+        if head_handle is not None:
+            head_handle.remove()
     return accumulator.finish(stack.path, started)
 
 

@@ -264,6 +264,44 @@ def compare_per_layer_config(old_norm: dict, new_norm: dict, mapping: Mapping[in
                                         f"says {after[j]!r}; the cut would change what that layer computes")
 
 
+def _drop_layer_relative(old_sig: dict, new_sig: dict, block, old_i: int, new_i: int, mapping: Mapping[int, int],
+                         n_old: int, n_new: int) -> None:
+    """Remove from both signatures the attributes of kept layer old_i that only say where the layer sits.
+
+    - Its own index under a name INDEX_ATTRIBUTES does not list (BigBird's `seed`, which is the layer index and
+      only seeds training-time random attention): old value old_i, new value new_i.
+    - The whole model's per-layer list kept in the layer (GPT-Neo's `attention_layers`, of which the layer reads its
+      own entry): accepted only when every kept layer's entry is unchanged at its new index.
+    - The layer count (MiniMax's `self_attn.num_hidden_layers`, used once at init for persistent buffers that the
+      checkpoint carries): accepted only when the module's forward does not read it and the module has no
+      non-persistent buffer (which a reload would recompute from the new count). A count that shapes the
+      computation through a stored derived value (MiniCPM3's `residual_scale`) still shows as that value changing.
+    Values that depend on the index in other ways (DiffLlama's `lambda_init`, Beam's `attn_residual_add_idx`) change
+    what the layer computes and stay differences.
+    """
+    import inspect
+
+    for key in list(old_sig):
+        a, b = old_sig[key], new_sig.get(key)
+        if " :" in key or a == b or not (isinstance(a, tuple) and isinstance(b, tuple)):
+            continue
+        where, _, name = key.rpartition(".")
+        if a[0] == b[0] == "v" and type(a[1]) is int and type(b[1]) is int:
+            if (a[1], b[1]) == (old_i, new_i) and old_i != new_i:
+                del old_sig[key], new_sig[key]
+            elif (a[1], b[1]) == (n_old, n_new) and n_old != n_new:
+                module = block if where == "<root>" else block.get_submodule(where)
+                try:
+                    forward_source = inspect.getsource(type(module).forward)
+                except (OSError, TypeError):
+                    continue
+                if f"self.{name}" not in forward_source and not getattr(module, "_non_persistent_buffers_set", None):
+                    del old_sig[key], new_sig[key]
+        elif a[0] == b[0] == "seq" and len(a[1]) == n_old and len(b[1]) == n_new \
+                and all(a[1][i] == b[1][j] for i, j in mapping.items()):
+            del old_sig[key], new_sig[key]
+
+
 def verify_pruned_config(old_cfg: Mapping, new_cfg: Mapping, removed: Sequence[int],
                          old_skeleton=None) -> tuple[Any, Any, dict]:
     """Refuse (StructureMismatch) unless `new_cfg` builds the original model minus `removed` blocks.
@@ -285,8 +323,11 @@ def verify_pruned_config(old_cfg: Mapping, new_cfg: Mapping, removed: Sequence[i
                                 f"({len(old_stack.blocks)} minus {len(gone)} removed)")
     mapping = {old: new for new, old in enumerate(kept)}
     for old_i, new_i in mapping.items():
-        why = _diff(module_signature(old_stack.blocks[old_i], index_map=mapping),
-                    module_signature(new_stack.blocks[new_i]))
+        old_sig = module_signature(old_stack.blocks[old_i], index_map=mapping)
+        new_sig = module_signature(new_stack.blocks[new_i])
+        _drop_layer_relative(old_sig, new_sig, old_stack.blocks[old_i], old_i, new_i, mapping,
+                             len(old_stack.blocks), len(kept))
+        why = _diff(old_sig, new_sig)
         if why:
             raise StructureMismatch(f"layer {old_i} (new index {new_i}) would change: {why}")
     outside_old = module_signature(old_skeleton, skip=(old_stack.path,), index_map=mapping,
