@@ -104,7 +104,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ('hrm_text', 'cut'): 'refused: cannot tell which tensors belong to the 6 layers: prefixes with',
     ('hrm_text', 'cut in-place'): 'refused: cannot tell which tensors belong to the 6 layers: prefixes with',
     ('hrm_text', 'generate'): 'needs prune',
+    ('hy_v4', 'prune'): "refused: config field 'indexer_types': layer 2 is 'shared' and reuses th",
     ('hy_v4', 'reload'): 'needs prune',
+    ('hy_v4', 'cut'): "refused: config field 'indexer_types': layer 2 is 'shared' and reuses th",
+    ('hy_v4', 'cut in-place'): "refused: config field 'indexer_types': layer 2 is 'shared' and reuses th",
     ('hy_v4', 'generate'): 'needs prune',
     ('inkling2_loop_text', "build"): 'untested: 6.5 M parameters even when shrunk (limit 3 M)',
     ('inkling2_text', "build"): 'untested: 6.5 M parameters even when shrunk (limit 3 M)',
@@ -191,7 +194,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ('xlstm', 'cut in-place'): 'refused: the pruned config builds 6 layers, expected 4 (6 minus 2 remove',
     ('xlstm', 'generate'): 'needs prune',
     ('zamba', "build"): 'untested: forward: RuntimeError: The size of tensor a (32) must match th',
+    ('zaya', 'prune'): 'refused: zaya: layer 2 routes with the router state of the layer before ',
     ('zaya', 'reload'): 'needs prune',
+    ('zaya', 'cut'): 'refused: zaya: layer 2 routes with the router state of the layer before ',
+    ('zaya', 'cut in-place'): 'refused: zaya: layer 2 routes with the router state of the layer before ',
     ('zaya', 'generate'): 'needs prune',
 }
 

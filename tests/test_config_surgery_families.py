@@ -396,3 +396,51 @@ def test_fp8_checkpoint_cut_carries_scales_and_renumbers_config(mtp, tmp_path):
     # config.json omits first_k_dense_replace, so DeepSeek-V3's class default (3 dense layers: old 0, 1, 2) applies;
     # of those, old 0 and 2 remain, and the new config must say 2 rather than fall back to 3 again.
     assert cfg["first_k_dense_replace"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hy_v4 / glm_moe_dsa / zaya: state handed from one layer to the next through the layer loop (`prev_topk_indices`,
+# `prev_router_hidden_states`), which no module tree or per-layer config value shows. The oracle's removed block
+# still hands its own state on, so a kept layer whose source is removed cannot be reproduced: refused.
+
+
+def _tiny_type(model_type, **overrides):
+    from shortgpt_fast.models.tiny_configs import tiny_config
+
+    return tiny_config(model_type, overrides)
+
+
+def test_hy_v4_shared_indexer_layer_whose_full_layer_is_removed_is_refused(tmp_path):
+    # 6 layers: full, full, shared, shared, shared, full; layers 2-4 reuse layer 1's top-k.
+    assert _tiny_type("hy_v4").indexer_types == ["full", "full", "shared", "shared", "shared", "full"]
+    assert_refused(_tiny_type("hy_v4"), [1, 4], tmp_path, match=r"'indexer_types': layer 2 is 'shared'.* layer 1")
+
+
+def test_hy_v4_shared_layers_and_a_full_layer_with_all_its_shared_layers_prune_exactly(tmp_path):
+    assert check_both(_tiny_type("hy_v4"), [2, 4], tmp_path)["indexer_types"] == ["full", "full", "shared", "full"]
+    assert check_cut(_tiny_type("hy_v4"), [1, 2, 3, 4], tmp_path / "all")["indexer_types"] == ["full", "full"]
+
+
+def test_hy_v4_derived_indexer_types_are_pinned_for_the_original_count(tmp_path):
+    def hub_form(cfg):
+        cfg.pop("indexer_types")
+    # Re-derived for 4 layers the modes would be full, full, shared, shared: old layer 5 would lose its indexer.
+    cfg = check_cut(_tiny_type("hy_v4"), [3, 4], tmp_path, old_form=hub_form)
+    assert cfg["indexer_types"] == ["full", "full", "shared", "full"]
+
+
+def test_glm_moe_dsa_index_topk_pattern_is_pinned_and_lost_sources_refused(tmp_path):
+    types = ["full", "full", "shared", "shared", "full", "shared"]
+
+    def hub_form(cfg):
+        cfg.pop("indexer_types")
+        cfg["index_topk_pattern"] = "FFSSFS"
+    cfg = check_cut(_tiny_type("glm_moe_dsa", indexer_types=types), [3, 5], tmp_path, old_form=hub_form)
+    assert cfg["indexer_types"] == ["full", "full", "shared", "full"] and "index_topk_pattern" not in cfg
+    assert_refused(_tiny_type("glm_moe_dsa", indexer_types=types), [1, 4], tmp_path / "refused",
+                   match=r"'indexer_types': layer 2 is 'shared'.* layer 1")
+
+
+def test_zaya_router_state_chain_allows_only_trailing_layers(tmp_path):
+    assert_refused(_tiny_type("zaya"), [1, 4], tmp_path, match=r"zaya: layer 2 .*prev_router_hidden_states")
+    check_both(_tiny_type("zaya"), [4, 5], tmp_path / "trailing")

@@ -212,3 +212,24 @@ def test_verified_cut_of_a_real_pattern_matches_the_oracle(tmp_path):
     prune_model(pruned, REMOVED)
     with torch.no_grad():
         assert torch.equal(pruned(input_ids=ids, use_cache=False).logits, expected)
+
+
+@pytest.mark.parametrize("model_type", ["hy_v4", "zaya"])
+def test_planted_lost_handed_down_state_is_refused(model_type, tmp_path, monkeypatch):
+    """Config surgery that forgets a layer hands state to the next (DSA top-k, ZAYA router state) is caught."""
+    from shortgpt_fast.models.tiny_configs import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    monkeypatch.delitem(config_surgery._PATTERN_RULES, model_type)
+    refusal = r"layer 2 \(new index 1\) computes with prev_\w+ handed down from layer 1, which is removed"
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match=refusal) as err:
+        cut_checkpoint(src, REMOVED, out=out)
+    assert "\n" not in str(err.value) and not out.exists()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StructureMismatch, match=refusal):
+        prune_model(model, REMOVED)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

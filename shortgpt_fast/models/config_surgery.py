@@ -356,6 +356,56 @@ def _moe_layer_freq_rule(cfg: dict, n: int, kept: list) -> Optional[set]:
     )
 
 
+def _indexer_types(cfg: dict, n: int) -> Optional[list]:
+    """The per-layer DSA indexer modes ("full" / "shared") as the config class derives them when absent."""
+    types = cfg.get("indexer_types")
+    if types is not None:
+        return types
+    model_type = cfg.get("model_type")
+    if model_type in ("hy_v4", "hy_v4_vl_text"):  # HYV4Config: full at 0, 1, 5, 9, ...
+        return ["full" if i == 0 or (i - 1) % 4 == 0 else "shared" for i in range(n)]
+    pattern = cfg.get("index_topk_pattern")  # GlmMoeDsaConfig / MistralLarge4Config
+    if pattern is not None:
+        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    freq = max(cfg.get("index_topk_freq", 1), 1)
+    offset = cfg.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
+
+
+def _dsa_indexer_rule(cfg: dict, n: int, kept: list) -> None:
+    # A "shared" layer runs no indexer: it reuses the top-k the latest "full" layer handed down the layer loop
+    # (`prev_topk_indices`). Pin the modes for the original count (re-derived for the new count they would point
+    # elsewhere), then refuse when a kept shared layer's source is removed: the pruned model would hand it an
+    # earlier full layer's top-k, or none at all.
+    types = _indexer_types(cfg, n)
+    if not isinstance(types, list) or len(types) != n:
+        return  # the generic pass reports a wrong length
+    cfg["indexer_types"] = list(types)
+    cfg.pop("index_topk_pattern", None)
+    source, keep = None, set(kept)
+    for i, kind in enumerate(types):
+        if kind != "shared":
+            source = i
+        elif i in keep and source is not None and source not in keep:
+            raise ConfigSurgeryError(
+                f"config field 'indexer_types': layer {i} is 'shared' and reuses the top-k of 'full' layer {source}, "
+                f"which would be removed; keep layer {source} or remove its shared layers too"
+            )
+
+
+def _zaya_rule(cfg: dict, n: int, kept: list) -> None:
+    # ZayaRouter adds the previous layer's router state (`prev_router_hidden_states`, EDA) to its own, so every
+    # layer after a removed one would be routed from a different state; no config field describes that chain.
+    gone = sorted(set(range(n)) - set(kept))
+    after = [i for i in kept if i > gone[0]]
+    if after:
+        raise ConfigSurgeryError(
+            f"zaya: layer {after[0]} routes with the router state of the layer before it (prev_router_hidden_states), "
+            f"so removing layer {max(i for i in gone if i < after[0])} would change its routing; only trailing "
+            "layers can be removed"
+        )
+
+
 _PATTERN_RULES: dict[str, Callable[[dict, int, list], Optional[set]]] = {
     "gemma3_text": _explicit_layer_types_from_interval("sliding_window_pattern", 6, "sliding_attention"),
     "cohere2": _explicit_layer_types_from_interval("sliding_window_pattern", 4, "sliding_attention"),
@@ -370,6 +420,9 @@ _PATTERN_RULES: dict[str, Callable[[dict, int, list], Optional[set]]] = {
     "zamba2": _zamba2_rule,
     "deepseek_v2": _moe_layer_freq_rule,
     "deepseek_v3": _moe_layer_freq_rule,
+    **{t: _dsa_indexer_rule for t in ("hy_v4", "hy_v4_vl_text", "glm_moe_dsa", "mistral_large4",
+                                      "glm5_next_text")},
+    "zaya": _zaya_rule,
 }
 
 

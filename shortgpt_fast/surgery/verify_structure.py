@@ -302,6 +302,55 @@ def _drop_layer_relative(old_sig: dict, new_sig: dict, block, old_i: int, new_i:
             del old_sig[key], new_sig[key]
 
 
+def carried_state_inputs(block) -> tuple[str, ...]:
+    """Forward parameters of a block that take state handed down by the block before it, not the hidden state.
+
+    transformers names them `prev_*` (GLM-MoE-DSA / HY-V4 / Mistral-Large-4 `prev_topk_indices`, ZAYA
+    `prev_router_hidden_states`): the model's layer loop passes one block's extra output into the next block.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(type(block).forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(name for name in params if name.startswith("prev_"))
+
+
+def _carried_state_sources(cfg: dict, n: int) -> list[Optional[int]]:
+    """For each layer, the layer whose handed-down state it computes with (None: it uses none).
+
+    DSA indexer modes are the one known pass-through: a "shared" layer uses and passes on the top-k of the latest
+    "full" layer, a "full" layer computes its own. Without such knowledge every layer uses its predecessor's state.
+    """
+    types = cfg.get("indexer_types")
+    if isinstance(types, list) and len(types) == n and set(types) <= {"full", "shared"}:
+        sources, latest = [], None
+        for i, kind in enumerate(types):
+            sources.append(latest if kind == "shared" else None)
+            if kind != "shared":
+                latest = i
+        return sources
+    return [None] + list(range(n - 1))
+
+
+def check_carried_state(old_blocks: Sequence, old_layer_cfg: dict, mapping: Mapping[int, int]) -> None:
+    """Refuse when a kept block would receive state handed down by a block that is removed.
+
+    Module trees, parameters and per-layer config values of every kept layer are the same before and after such a
+    removal, so the comparisons above cannot see it; the oracle (the removed blocks return their input, their
+    other outputs flow on) feeds the kept block the removed block's state, the pruned model an earlier block's.
+    """
+    carried = sorted({name for block in old_blocks for name in carried_state_inputs(block)})
+    if not carried:
+        return
+    for i, source in enumerate(_carried_state_sources(old_layer_cfg, len(old_blocks))):
+        if i in mapping and source is not None and source not in mapping:
+            raise StructureMismatch(f"layer {i} (new index {mapping[i]}) computes with {', '.join(carried)} handed "
+                                    f"down from layer {source}, which is removed; the pruned model would hand it "
+                                    "another layer's state")
+
+
 def verify_pruned_config(old_cfg: Mapping, new_cfg: Mapping, removed: Sequence[int],
                          old_skeleton=None) -> tuple[Any, Any, dict]:
     """Refuse (StructureMismatch) unless `new_cfg` builds the original model minus `removed` blocks.
@@ -351,7 +400,9 @@ def verify_pruned_config(old_cfg: Mapping, new_cfg: Mapping, removed: Sequence[i
     why = _diff(outside_old, outside_new)
     if why:
         raise StructureMismatch(f"outside the layers, the pruned model would change: {why}")
-    compare_per_layer_config(_config_object(old_cfg).to_dict(), _config_object(new_cfg).to_dict(), mapping)
+    old_norm = _config_object(old_cfg).to_dict()
+    compare_per_layer_config(old_norm, _config_object(new_cfg).to_dict(), mapping)
+    check_carried_state(old_stack.blocks, _layer_dict(old_norm), mapping)
     return old_skeleton, new_skeleton, mapping
 
 
