@@ -27,7 +27,7 @@ def _packages():
 
 
 class NinjaBuildExt(build_ext):
-    """Compile every csrc/*.cpp in parallel through a generated build.ninja, then link one module."""
+    """Compile the extension's sources in parallel through a generated build.ninja, then link one module."""
 
     def build_extension(self, ext):
         import ninja
@@ -45,7 +45,12 @@ class NinjaBuildExt(build_ext):
         cflags += shlex.split(os.environ.get("SHORTGPT_FAST_CXXFLAGS", ""))
         ldflags = ["-shared", "-fopenmp"]
 
-        sources = sorted(CSRC.glob("*.cpp"))
+        sources = [CSRC / name for name in ext.cpp_sources]
+        if sys.platform.startswith("linux"):
+            # The surgery engine uses Linux-only calls (collapse-range, FICLONE, sync_file_range); elsewhere the
+            # portable kernel still builds and surgery says it needs Linux.
+            sources.append(CSRC / "safetensors_surgery.cpp")
+            cflags.append("-DSGF_WITH_SURGERY=1")
         lines = [
             f"cxx = {cxx}",
             f"cflags = {' '.join(shlex.quote(f) for f in cflags)}",
@@ -68,9 +73,19 @@ class NinjaBuildExt(build_ext):
         subprocess.check_call([ninja_bin, "-C", str(build_dir)], stdout=sys.stdout, stderr=sys.stderr)
 
 
+class CoreExtension(Extension):
+    def __init__(self):
+        super().__init__("shortgpt_fast._C", sources=[])
+        self.cpp_sources = ["module.cpp", "bi_reduce.cpp"]
+
+
+# SHORTGPT_FAST_SKIP_CPP=1 installs the pure-Python package: the torch backend scores, and every feature that needs
+# the extension raises one line saying how to build it (shortgpt_fast/_native.py).
+SKIP_CPP = os.environ.get("SHORTGPT_FAST_SKIP_CPP", "") not in ("", "0")
+
 setup(
     packages=_packages(),
-    ext_modules=[Extension("shortgpt_fast._C", sources=[])],
+    ext_modules=[] if SKIP_CPP else [CoreExtension()],
     cmdclass={"build_ext": NinjaBuildExt},
     zip_safe=False,
 )

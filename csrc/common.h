@@ -20,16 +20,4 @@ enum Stat : int {
     kNumStats = 6,
 };
 
-inline std::vector<std::string> cpu_features() {
-    std::vector<std::string> out;
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) out.push_back("avx2");
-    if (__builtin_cpu_supports("fma")) out.push_back("fma");
-    if (__builtin_cpu_supports("avx512f")) out.push_back("avx512f");
-    if (__builtin_cpu_supports("avx512bw")) out.push_back("avx512bw");
-#endif
-    return out;
-}
-
 }  // namespace sgf

@@ -7,12 +7,15 @@
 namespace py = pybind11;
 
 void register_bi_reduce(py::module_& m);
+#ifdef SGF_WITH_SURGERY
 void register_safetensors_surgery(py::module_& m);
+#endif
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "shortgpt_fast C++ core: fused Block Influence reduction and safetensors checkpoint surgery";
-    m.def("cpu_features", &sgf::cpu_features,
-          "Instruction-set extensions this CPU offers, as detected at run time.");
     register_bi_reduce(m);
+#ifdef SGF_WITH_SURGERY
+    // Linux-only (setup.py compiles it there); elsewhere shortgpt_fast/_native.py explains that surgery needs Linux.
     register_safetensors_surgery(m);
+#endif
 }

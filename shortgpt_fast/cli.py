@@ -90,22 +90,6 @@ def format_layer_table(scores, removed=()) -> str:
     return "\n".join(lines)
 
 
-def _parse_layers(text: str) -> list[int]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    # ASCII digits only (int() also takes '1_0' and other scripts' digits); repeats are caught here in linear time,
-    # before validate_layers, whose repeat report is quadratic.
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        raise ValueError(f"--layers must be comma-separated integers such as 3,7,12, got {text[:60]!r}")
-    layers, seen = [], set()
-    for p in parts:
-        i = int(p)
-        if i in seen:
-            raise ValueError(f"layer indices repeat: [{i}]; list each layer once")
-        seen.add(i)
-        layers.append(i)
-    return layers
-
-
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
@@ -143,9 +127,12 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
     staging = staging_root / "out"
     try:
         engine = "in-memory"
-        if is_local_checkpoint(model) and _cut_engine() is not None:
-            src = resolve_model_path(model)
-            _cut_engine()(src, layers, out=str(staging), check=verify)
+        if is_local_checkpoint(model):
+            # Never a silent fallback to loading the whole model: on a 70B checkpoint that is an OOM, so a missing
+            # extension is an error that says how to get it.
+            from .surgery.checkpoint import cut_checkpoint
+
+            cut_checkpoint(resolve_model_path(model), layers, out=str(staging), check=verify)
             engine = "checkpoint-surgery"
         else:
             if loaded is None:
@@ -185,21 +172,13 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
     return report_dict
 
 
-def _cut_engine():
-    try:
-        from .surgery.checkpoint import cut_checkpoint
-    except ImportError:
-        return None
-    return cut_checkpoint
-
-
 def _select_layers(args, num_layers: int, scores=None, report: Optional[dict] = None) -> list[int]:
     from .scoring.report import removal_count, select_from_report
 
     if args.layers:
-        from .models.config_surgery import validate_layers
+        from .models.config_surgery import parse_layers, validate_layers
 
-        return validate_layers(_parse_layers(args.layers), num_layers)
+        return validate_layers(parse_layers(args.layers, num_layers), num_layers)
     n = removal_count(num_layers, args.remove, args.ratio)
     if scores is not None:
         return scores.select(args.metric, n)
@@ -270,9 +249,10 @@ def _local_tensor_names(model: str):
             return list(json.loads(index.read_text()).get("weight_map", {}))
         single = folder / "model.safetensors"
         if single.is_file():
-            from . import _C
+            from . import _native
 
-            return [t[0] for t in _C.safetensors_read_header(str(single))["tensors"]]
+            header = _native.load("reading a checkpoint header", _native.SURGERY_SYMBOL).safetensors_read_header
+            return [t[0] for t in header(str(single))["tensors"]]
     except (OSError, ValueError, AttributeError, ImportError):
         return None
     return None
@@ -347,12 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_flags(p)
     p.set_defaults(func=cmd_demo, samples=16)
 
-    try:
-        from .surgery.checkpoint import add_cut_subcommand
-    except ImportError:
-        add_cut_subcommand = None
-    if add_cut_subcommand is not None:
-        add_cut_subcommand(sub)
+    from .surgery.checkpoint import add_cut_subcommand
+
+    add_cut_subcommand(sub)
 
     from .evaluation.compare import add_compare_subcommand
     from .evaluation.run import add_eval_subcommand

@@ -31,7 +31,10 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as done:  # argparse refuses bad flag values by exiting, as a console script would
+        rc = done.code
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -73,7 +76,7 @@ def test_prune_scores_and_writes_report_with_plot(tiny_checkpoint, tmp_path, cap
 @pytest.mark.parametrize("argv, message", [
     (["score", "/nonexistent/model/dir", "--out", "r.json"], "does not exist"),
     (["prune", "{ckpt}", "{out}", "--remove", "6"], "impossible"),
-    (["prune", "{ckpt}", "{out}", "--remove", "0"], "impossible"),
+    (["prune", "{ckpt}", "{out}", "--remove", "0"], "must be at least 1"),
     (["prune", "{ckpt}", "{out}", "--layers", "1,1"], "repeat"),
     (["prune", "{ckpt}", "{out}", "--layers", "2,9"], "out of range"),
     (["prune", "{ckpt}", "{out}", "--layers", "0,1,2,3,4,5"], "at least one layer"),
@@ -94,7 +97,8 @@ def test_bad_input_gives_one_line_error(argv, message, tiny_checkpoint, tmp_path
     argv = [a.format(ckpt=tiny_checkpoint, out=out, empty=empty, short=short, notmodel=notmodel) for a in argv]
     rc, stdout, err = run_cli(capsys, *argv, *(["--quiet"] if argv[0] == "score" else []))
     assert rc != 0
-    lines = [line for line in err.strip().splitlines() if line.startswith("shortgpt-fast: error:")]
+    # Flag values are refused by argparse ("shortgpt-fast prune: error: ..."), everything else by the command.
+    lines = [line for line in err.strip().splitlines() if line.startswith("shortgpt-fast") and ": error:" in line]
     assert len(lines) == 1 and message in lines[0], err
     assert not out.exists(), "a failed prune left OUT_DIR behind"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
@@ -127,3 +131,41 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["pruned"]["params"] < summary["dense"]["params"]
     config = json.loads((out_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 22
+
+
+def test_prune_of_a_local_checkpoint_without_the_extension_errors_instead_of_loading_it(
+        tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    # Falling back to loading the whole model would be an OOM on a 70B checkpoint; the cut needs the extension.
+    from shortgpt_fast import _native
+
+    def missing(feature, needs=None):
+        raise _native.NativeExtensionError(f"{feature} needs the compiled extension shortgpt_fast._C, which is not "
+                                           "importable (simulated); reinstall without SHORTGPT_FAST_SKIP_CPP=1")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(_native, "load", missing)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "prune", tiny_checkpoint, out, "--layers", "1-2")
+    assert rc != 0 and not out.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "compiled extension" in lines[0] and "SHORTGPT_FAST_SKIP_CPP" in lines[0], err
+
+
+def test_prune_accepts_layer_ranges_like_cut(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "prune", tiny_checkpoint, out, "--layers", "1-2,4")
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert json.loads((out / "report.json").read_text())["removed"] == [1, 2, 4]
+
+
+def test_one_ratio_rule_for_prune_report_and_compare():
+    from shortgpt_fast.evaluation.compare import _layers_to_remove
+    from shortgpt_fast.scoring.report import layers_for_ratio, removal_count
+
+    # 0.25 of 26 layers is 6.5: half up gives 7 everywhere (banker's rounding would say 6).
+    assert removal_count(26, ratio=0.25) == layers_for_ratio(26, 0.25) == _layers_to_remove(26, 0.25) == 7
+    assert removal_count(32, ratio=0.25) == 8

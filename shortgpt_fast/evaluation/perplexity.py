@@ -7,10 +7,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from ..errors import ShortGPTError
 
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ShortGPTError):
     pass
 
 

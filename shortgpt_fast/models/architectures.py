@@ -11,12 +11,13 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Optional
+from ..errors import ShortGPTError
 
 if TYPE_CHECKING:  # checkpoint surgery uses the name patterns here and must not pay torch's import (~200 MB)
     from torch import nn
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(ShortGPTError):
     pass
 
 

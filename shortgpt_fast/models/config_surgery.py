@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from ..errors import ShortGPTError, quote
 
 # Keys that name the layer count. GPT-2 style configs spell it differently.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -130,7 +131,7 @@ NOT_PER_LAYER_KEYS = frozenset(
 )
 
 
-class ConfigSurgeryError(ValueError):
+class ConfigSurgeryError(ShortGPTError):
     pass
 
 
@@ -151,6 +152,53 @@ def mtp_layer_count(cfg: dict) -> int:
             return value
     sub = _text_subconfig(cfg)
     return mtp_layer_count(cfg[sub]) if sub is not None else 0
+
+
+_LAYER_PART = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", re.ASCII)
+
+
+def parse_layers(layers: Union[str, Iterable[int]], num_layers: int) -> list[int]:
+    """The one parser of a layer request ("21,22,25", "21-25", or ints), used by every command and the API.
+
+    Layer indices in request order, each checked against [0, num_layers) before any range is expanded, and
+    duplicates caught on the way (a set, so linear), so `0-1000000000` or `0-60000,0-60000` cost nothing."""
+    out: list[int] = []
+    seen: set[int] = set()
+
+    def check(i: int) -> None:
+        if not 0 <= i < num_layers:
+            raise ConfigSurgeryError(f"layer indices [{quote(i, 30)}] are out of range; the model has layers "
+                               f"0..{num_layers - 1}")
+
+    def add(i: int) -> None:
+        check(i)
+        if i in seen:
+            raise ConfigSurgeryError(f"layer indices repeat: [{i}]; list each layer once")
+        seen.add(i)
+        out.append(i)
+
+    if isinstance(layers, str):
+        for part in layers.split(","):
+            if not part.strip():
+                continue
+            m = _LAYER_PART.fullmatch(part)
+            if not m:
+                raise ConfigSurgeryError(f"--layers {quote(layers)} is not a list of layer indices; write e.g. 21,22,25 or "
+                                   "21-25 (ASCII digits)")
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo:
+                raise ConfigSurgeryError(f"--layers range {quote(part.strip())} runs backwards; write it low-high")
+            check(lo)
+            check(hi)  # both ends are checked before the range in between is expanded
+            for i in range(lo, hi + 1):
+                add(i)  # stops at the first repeat, so expansion never exceeds num_layers + 1 steps
+        return out
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ConfigSurgeryError(f"layers must be integers, got {quote(i)}")
+        add(i)
+    return out
 
 
 def validate_layers(removed: Iterable[int], num_layers: int) -> list[int]:

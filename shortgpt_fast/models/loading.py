@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from ..errors import ShortGPTError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -37,7 +38,7 @@ logging.getLogger("torchao").addFilter(_TorchaoImportNoise())
 logging.getLogger("torch.utils._pytree").addFilter(_TorchaoImportNoise())
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ShortGPTError):
     pass
 
 

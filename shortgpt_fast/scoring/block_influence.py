@@ -20,9 +20,10 @@ from torch import nn
 from ..data.calibration import CalibrationSet
 from ..models.architectures import find_block_stack
 from ..ops.bi_reduce import NUM_STATS, Stat, bi_reduce
+from ..errors import ShortGPTError
 
 
-class ScoringError(ValueError):
+class ScoringError(ShortGPTError):
     pass
 
 

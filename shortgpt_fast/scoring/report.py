@@ -13,6 +13,7 @@ import torch
 from .. import __version__
 from ..ops.bi_reduce import Stat
 from .block_influence import LayerStats
+from ..errors import ShortGPTError
 
 # Metrics ranked "least important first" by ascending value: a block that changes its input least goes first.
 SCORE_METRICS = ("bi", "angular", "angular_last_token", "relative_magnitude")
@@ -23,7 +24,7 @@ BOOTSTRAP_RESAMPLES = 1000
 DEFAULT_RATIO = 0.25
 
 
-class SelectionError(ValueError):
+class SelectionError(ShortGPTError):
     pass
 
 
@@ -147,7 +148,7 @@ class Scores:
             "angular_last_token": float(ang_last[i]),
             "relative_magnitude": float(rel[i]),
         } for i in range(self.num_layers)]
-        default_n = max(1, round(DEFAULT_RATIO * self.num_layers)) if self.num_layers > 1 else 0
+        default_n = max(1, layers_for_ratio(self.num_layers, DEFAULT_RATIO)) if self.num_layers > 1 else 0
         report = {
             "model": self.model,
             "num_layers": self.num_layers,
@@ -177,7 +178,16 @@ class Scores:
         self.removed, self.removal_metric, self.index_map = sorted(removed), metric, dict(index_map)
 
 
+def layers_for_ratio(num_layers: int, ratio: float) -> int:
+    """The one ratio -> layer-count rule: round half up (0.25 of 26 layers is 6.5 -> 7), never banker's rounding.
+
+    Example: layers_for_ratio(32, 0.25) == 8; layers_for_ratio(26, 0.25) == 7.
+    """
+    return math.floor(ratio * num_layers + 0.5)
+
+
 def removal_count(num_layers: int, remove: Optional[int] = None, ratio: Optional[float] = None) -> int:
+    """How many layers `--remove N` or `--ratio R` asks for on a model with `num_layers`, or SelectionError."""
     if remove is not None:
         if remove < 1 or remove >= num_layers:
             raise SelectionError(f"--remove {remove} is impossible for a model with {num_layers} layers; "
@@ -186,7 +196,7 @@ def removal_count(num_layers: int, remove: Optional[int] = None, ratio: Optional
     if ratio is not None:
         if not 0 < ratio < 1:
             raise SelectionError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
-        n = math.floor(ratio * num_layers + 0.5)
+        n = layers_for_ratio(num_layers, ratio)
         if n < 1 or n >= num_layers:
             raise SelectionError(f"--ratio {ratio} removes {n} of {num_layers} layers; choose a ratio that removes "
                                  f"1..{num_layers - 1}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
-from shortgpt_fast import _C
+from shortgpt_fast import _native
 from shortgpt_fast.surgery import untrusted
 from shortgpt_fast.surgery.untrusted import SurgeryError, quote
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, renamed_tensor
@@ -37,6 +37,9 @@ from shortgpt_fast.models.config_surgery import (
     prune_config_dict,
     validate_layers,
 )
+
+# Loaded on first use, so `cut` without the extension (or off Linux) fails with one line saying how to get it.
+_C = _native.LazyExtension("checkpoint surgery (cut)", needs=_native.SURGERY_SYMBOL)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"

@@ -15,6 +15,8 @@ import re
 import stat
 from pathlib import Path
 from typing import Iterable, Optional, Union
+from ..errors import ShortGPTError, quote
+from ..models import config_surgery
 
 # config.json, the index and the model card: the same ceiling the safetensors reader puts on a header. The largest
 # real index (a 400B model, ~100k tensors) is about 10 MB.
@@ -24,19 +26,10 @@ MAX_JOURNAL_BYTES = 1 << 30
 # Real configs nest 3-4 levels (text_config > rope_scaling > ...). Deeper is junk, and deep enough would make any
 # recursive consumer (copy.deepcopy, json.dumps) raise RecursionError instead of a one-line refusal.
 MAX_JSON_DEPTH = 64
-# One error line quotes untrusted text (a layer list, a tensor name); beyond this it is cut, so a 17 MB --layers
-# value cannot become a 17 MB error line.
-MAX_QUOTE_CHARS = 120
 
 
-class SurgeryError(ValueError):
+class SurgeryError(ShortGPTError):
     """A checkpoint cut was refused or failed; the message is one line and says how to fix it."""
-
-
-def quote(value: object, limit: int = MAX_QUOTE_CHARS) -> str:
-    """repr() of untrusted text, one line, at most `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 15] + f"...({len(text)} chars)"
 
 
 def os_error_message(err: OSError, path: Path, action: str = "write", needed: Optional[int] = None) -> str:
@@ -173,49 +166,14 @@ def load_json(path: Path, root: Path, limit: int = MAX_SMALL_FILE_BYTES, what: s
 # Layer numbers
 
 # ASCII only: int() also takes '1_0', ' 7 ' and Arabic-Indic digits, none of which a user means as a layer number.
-_LAYER_PART = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", re.ASCII)
 
 
 def parse_layers(layers: Union[str, Iterable[int]], num_layers: int) -> list[int]:
-    """Layer indices in request order, each checked against [0, num_layers) before any range is expanded, and
-    duplicates caught on the way (a set, so linear), so `0-1000000000` or `0-60000,0-60000` cost nothing."""
-    out: list[int] = []
-    seen: set[int] = set()
-
-    def check(i: int) -> None:
-        if not 0 <= i < num_layers:
-            raise SurgeryError(f"layer indices [{quote(i, 30)}] are out of range; the model has layers "
-                               f"0..{num_layers - 1}")
-
-    def add(i: int) -> None:
-        check(i)
-        if i in seen:
-            raise SurgeryError(f"layer indices repeat: [{i}]; list each layer once")
-        seen.add(i)
-        out.append(i)
-
-    if isinstance(layers, str):
-        for part in layers.split(","):
-            if not part.strip():
-                continue
-            m = _LAYER_PART.fullmatch(part)
-            if not m:
-                raise SurgeryError(f"--layers {quote(layers)} is not a list of layer indices; write e.g. 21,22,25 or "
-                                   "21-25 (ASCII digits)")
-            lo = int(m.group(1))
-            hi = int(m.group(2)) if m.group(2) is not None else lo
-            if hi < lo:
-                raise SurgeryError(f"--layers range {quote(part.strip())} runs backwards; write it low-high")
-            check(lo)
-            check(hi)  # both ends are checked before the range in between is expanded
-            for i in range(lo, hi + 1):
-                add(i)  # stops at the first repeat, so expansion never exceeds num_layers + 1 steps
-        return out
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise SurgeryError(f"layers must be integers, got {quote(i)}")
-        add(i)
-    return out
+    """config_surgery.parse_layers, refusing as a SurgeryError like everything else the cut refuses."""
+    try:
+        return config_surgery.parse_layers(layers, num_layers)
+    except config_surgery.ConfigSurgeryError as e:
+        raise SurgeryError(str(e)) from None
 
 
 def check_tensor_names(names: Iterable[str], where: Path) -> None:

@@ -30,6 +30,7 @@ import sys
 import types
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence
+from ..errors import ShortGPTError
 
 INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_number", "block_idx", "layer_index"})
 # Model-level flags derived from the layer pattern as a whole ("is any layer sliding?") that only decide which masks
@@ -39,7 +40,7 @@ _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _MAX_LIST = 4096
 
 
-class StructureMismatch(ValueError):
+class StructureMismatch(ShortGPTError):
     """The pruned model would not compute what the original computes with the removed blocks as identity."""
 
 

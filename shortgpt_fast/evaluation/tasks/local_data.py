@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 from shortgpt_fast.data.jsonl import read_jsonl_rows
+from ...errors import ShortGPTError
 
 
-class TaskDataError(ValueError):
+class TaskDataError(ShortGPTError):
     pass
 
 

@@ -33,6 +33,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
+from ...errors import ShortGPTError
 
 
 class Stat(enum.IntEnum):
@@ -53,7 +54,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKEND_ENV = "SHORTGPT_FAST_BACKEND"
 
 
-class BIReduceError(ValueError):
+class BIReduceError(ShortGPTError):
     """Inputs the reduction cannot accept; the message says what is wrong and how to fix it."""
 
 
