@@ -1,8 +1,12 @@
 """The typed Python API that mirrors the CLI; this is what other tools embed."""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -10,6 +14,7 @@ from torch import nn
 
 from .data import calibration
 from .data.calibration import CalibrationSet
+from .errors import ShortGPTError
 from .models.loading import DEFAULT_MODEL, DTYPES, load_model
 from .scoring.block_influence import collect_layer_stats
 from .scoring.report import Scores
@@ -158,3 +163,97 @@ def prune(model: nn.Module, layers: Sequence[int], verify: bool = True) -> nn.Mo
     a refusal (StructureMismatch, a ValueError) leaves the model untouched. Example: `prune(model, [21, 22, 25])`.
     """
     return prune_model(model, layers, verify=verify)
+
+
+def cut(checkpoint: Union[str, Path], layers: Union[str, Sequence[int]], out: Union[str, Path, None] = None, *,
+        in_place: bool = False, verify: bool = True, verify_bytes: bool = False, chosen_by: str = "manual"):
+    """Remove `layers` from a safetensors checkpoint folder on disk, without loading the model.
+
+    Exactly one of `out` (a new folder; the source is only read) or `in_place=True` (crash-safe, exactly once).
+    `verify` proves the pruned config builds the original minus the removed blocks before anything is written;
+    `verify_bytes` also rehashes every kept tensor of the result. Returns a CutResult.
+
+    Example: cut("Llama-3-8B", "21-25", out="Llama-3-8B-cut")
+    """
+    from .surgery.checkpoint import cut_checkpoint
+
+    return cut_checkpoint(checkpoint, layers, out=out, in_place=in_place, verify=verify_bytes, check=verify,
+                          chosen_by=chosen_by)
+
+
+def write_report(scores: Scores, report_path: Path, removed=None) -> None:
+    """report.json (the stable JSON schema of Scores.to_dict) and report.png beside it."""
+    from .scoring.plot import plot_scores
+
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    scores.save(report_path)
+    plot_scores(scores, report_path.with_suffix(".png"), removed=removed)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """The one "new or empty output folder" rule of every command that writes a folder."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ShortGPTError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
+
+
+def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=None, loaded=None,
+                 report: Optional[dict] = None, verify: bool = True) -> dict:
+    """Write OUT_DIR as a standard checkpoint without `layers`, plus report.json and a model card.
+
+    Local checkpoint folders go through checkpoint surgery (no model load); anything else is pruned in memory.
+    Everything is staged beside OUT_DIR and renamed at the end, so a failure leaves no half-written folder.
+    Returns the report written as report.json, with "engine" naming the path taken.
+
+    Example: prune_to_dir("ckpt/", Path("ckpt-pruned"), [21, 22, 25], "manual")
+    """
+    from .models.config_surgery import index_map, layer_count
+    from .models.loading import is_local_checkpoint, resolve_model_path
+    from .surgery.model_card import removal_section
+
+    check_out_dir(out_dir)
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = staging_root / "out"
+    try:
+        engine = "in-memory"
+        if is_local_checkpoint(model):
+            # Never a silent fallback to loading the whole model: on a 70B checkpoint that is an OOM, so a missing
+            # extension is an error that says how to get it.
+            from .surgery.checkpoint import cut_checkpoint
+
+            cut_checkpoint(resolve_model_path(model), layers, out=str(staging), check=verify, chosen_by=metric)
+            engine = "checkpoint-surgery"
+        else:
+            if loaded is None:
+                loaded = load(model)
+            net, tokenizer = loaded
+            from .surgery.in_memory import prune_model
+
+            prune_model(net, layers, verify=verify)
+            net.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        num_layers = scores.num_layers if scores is not None else None
+        if num_layers is None:
+            num_layers = len(layers) + layer_count(json.loads((staging / "config.json").read_text()))
+        mapping = index_map(layers, num_layers)
+        if scores is not None:
+            scores.mark_removed(layers, metric, mapping)
+            write_report(scores, staging / "report.json", removed=layers)
+            report_dict = scores.to_dict()
+        else:
+            report_dict = dict(report or {"model": model, "num_layers": num_layers})
+            report_dict.update({"removed": sorted(layers), "removal_metric": metric,
+                                "index_map": {str(k): v for k, v in mapping.items()}})
+            (staging / "report.json").write_text(json.dumps(report_dict, indent=1))
+        report_dict["engine"] = engine
+        if engine == "in-memory":
+            # The cut wrote its card already (the source's card plus the removal, once); save_pretrained writes none.
+            (staging / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,
+                                                               source=model, report=True))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return report_dict

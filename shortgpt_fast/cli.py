@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -61,20 +59,14 @@ def _is_main_process() -> bool:
     return is_main_process()
 
 
-def _write_report(scores, report_path: Path, removed=None) -> None:
-    from .scoring.plot import plot_scores
-
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    scores.save(report_path)
-    plot_scores(scores, report_path.with_suffix(".png"), removed=removed)
-
-
 def cmd_score(args) -> int:
+    from .api import write_report
+
     scores = _score_from_args(args)
     if not _is_main_process():
         return 0  # every rank holds the gathered scores; one writes them
     out = Path(args.out)
-    _write_report(scores, out)
+    write_report(scores, out)
     print(format_layer_table(scores))
     print(f"report: {out}  plot: {out.with_suffix('.png')}")
     return 0
@@ -88,88 +80,6 @@ def format_layer_table(scores, removed=()) -> str:
         lines.append(f"{i:>5} {scores.bi[i]:>9.5f} [{ci[i, 0]:>9.5f},{ci[i, 1]:>9.5f}] {scores.angular[i]:>9.5f} "
                      f"{scores.angular_last_token[i]:>9.5f} {scores.relative_magnitude[i]:>9.5f}{mark}")
     return "\n".join(lines)
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
-
-
-def _model_card(source: str, removed, metric: str, num_layers: int, scores_summary: Optional[str]) -> str:
-    lines = [
-        "# Pruned with shortgpt_fast",
-        "",
-        f"- Source model: `{source}`",
-        f"- Layers removed ({len(removed)} of {num_layers}, original indices): {', '.join(map(str, removed))}",
-        f"- Chosen by: `{metric}`" + (" (ShortGPT Block Influence, arXiv 2403.03853)" if metric == "bi" else ""),
-        f"- Tool: shortgpt_fast {__version__}",
-    ]
-    if scores_summary:
-        lines += ["", scores_summary]
-    lines += ["", "See `report.json` for the per-layer scores, the ranking and the old-to-new layer index map.", ""]
-    return "\n".join(lines)
-
-
-def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=None, loaded=None,
-                 report: Optional[dict] = None, verify: bool = True) -> dict:
-    """Write OUT_DIR as a standard checkpoint without `layers`, plus report.json and a model card.
-
-    Local checkpoint folders go through checkpoint surgery (no model load); anything else is pruned in memory.
-    Everything is staged beside OUT_DIR and renamed at the end, so a failure leaves no half-written folder.
-    """
-    from .models.config_surgery import index_map, layer_count
-    from .models.loading import is_local_checkpoint, resolve_model_path
-
-    _check_out_dir(out_dir)
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging = staging_root / "out"
-    try:
-        engine = "in-memory"
-        if is_local_checkpoint(model):
-            # Never a silent fallback to loading the whole model: on a 70B checkpoint that is an OOM, so a missing
-            # extension is an error that says how to get it.
-            from .surgery.checkpoint import cut_checkpoint
-
-            cut_checkpoint(resolve_model_path(model), layers, out=str(staging), check=verify)
-            engine = "checkpoint-surgery"
-        else:
-            if loaded is None:
-                from .api import load
-
-                loaded = load(model)
-            net, tokenizer = loaded
-            from .surgery.in_memory import prune_model
-
-            prune_model(net, layers, verify=verify)
-            net.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-        num_layers = scores.num_layers if scores is not None else None
-        if num_layers is None:
-            num_layers = len(layers) + layer_count(json.loads((staging / "config.json").read_text()))
-        mapping = index_map(layers, num_layers)
-        if scores is not None:
-            scores.mark_removed(layers, metric, mapping)
-            _write_report(scores, staging / "report.json", removed=layers)
-            report_dict = scores.to_dict()
-        else:
-            report_dict = dict(report or {"model": model, "num_layers": num_layers})
-            report_dict.update({"removed": sorted(layers), "removal_metric": metric,
-                                "index_map": {str(k): v for k, v in mapping.items()}})
-            (staging / "report.json").write_text(json.dumps(report_dict, indent=1))
-        report_dict["engine"] = engine
-        card = _model_card(model, sorted(layers), metric, num_layers, None)
-        existing = staging / "README.md"
-        if existing.exists():
-            card = card + "\n" + existing.read_text()
-        existing.write_text(card)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
-    return report_dict
 
 
 def _select_layers(args, num_layers: int, scores=None, report: Optional[dict] = None) -> list[int]:
@@ -186,8 +96,10 @@ def _select_layers(args, num_layers: int, scores=None, report: Optional[dict] = 
 
 
 def cmd_prune(args) -> int:
+    from .api import check_out_dir, prune_to_dir
+
     out_dir = Path(args.out_dir)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     scores = None
     report = None
     if args.layers:

@@ -123,7 +123,7 @@ def test_cut_matches_in_memory_pruning(tmp_path, name, shards):
                 "n_layer"):
         assert loaded.config.to_dict().get(key) == expected_config.get(key), key
     assert "tokenizer.json" in _tree(tmp_path / "copy") and "chat_template.jinja" in _tree(tmp_path / "copy")
-    assert f"Layers {', '.join(map(str, removed))} of" in (tmp_path / "copy" / "README.md").read_text()
+    assert f"original indices): {', '.join(map(str, removed))};" in (tmp_path / "copy" / "README.md").read_text()
     if shards > 1:
         index = json.loads((tmp_path / "copy" / "model.safetensors.index.json").read_text())
         shard_files = sorted((tmp_path / "copy").glob("*.safetensors"))

@@ -169,3 +169,22 @@ def test_one_ratio_rule_for_prune_report_and_compare():
     # 0.25 of 26 layers is 6.5: half up gives 7 everywhere (banker's rounding would say 6).
     assert removal_count(26, ratio=0.25) == layers_for_ratio(26, 0.25) == _layers_to_remove(26, 0.25) == 7
     assert removal_count(32, ratio=0.25) == 8
+
+
+def test_a_pruned_checkpoint_states_its_removal_once_credited_to_the_metric(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "prune", tiny_checkpoint, out, "--remove", "2", "--samples", 2, "--seq-len", 16)
+    assert rc == 0, err
+    card = (out / "README.md").read_text()
+    assert card.count("## Layers removed") == 1 and card.count("original indices") == 1 and "Chosen by: `bi`" in card and "manual" not in card, card
+
+
+def test_the_public_api_is_one_import():
+    import shortgpt_fast as sf
+
+    for name in ("score", "prune", "cut", "load", "calibration_set", "Scores", "CalibrationSet", "bi_reduce",
+                 "ShortGPTError"):
+        assert getattr(sf, name).__doc__, name
+    assert issubclass(sf.ShortGPTError, ValueError)
+    x = torch.randn(9, 5)
+    assert torch.equal(sf.bi_reduce(x, x + 1), torch.ops.shortgpt_fast.bi_reduce(x, x + 1, None, None, 1))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from shortgpt_fast import _native
+from shortgpt_fast.surgery.model_card import removal_section, with_removal
 from shortgpt_fast.surgery import untrusted
 from shortgpt_fast.surgery.untrusted import SurgeryError, quote
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, renamed_tensor
@@ -237,17 +238,13 @@ def _parse_layers(layers: Union[str, Iterable[int]], num_layers: int) -> list[in
         raise SurgeryError(str(e)) from None
 
 
-def _model_card(src: Path, removed: list[int], num_layers: int) -> str:
+def _model_card(src: Path, removed: list[int], num_layers: int, chosen_by: str) -> str:
     card = src / MODEL_CARD_NAME
     text = untrusted.read_text(card, src, what="model card") if os.path.lexists(card) else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    kept = num_layers - len(removed)
-    return text + (f"\nLayers {', '.join(map(str, removed))} of {num_layers} were removed with `shortgpt-fast cut`; "
-                   f"the remaining {kept} layers are renumbered 0-{kept - 1}.\n")
+    return with_removal(text, removal_section(removed, num_layers, chosen_by=chosen_by))
 
 
-def build_plan(src: Path, layers: Union[str, Iterable[int]]) -> Plan:
+def build_plan(src: Path, layers: Union[str, Iterable[int]], chosen_by: str = "manual") -> Plan:
     """Read and validate every header, then decide every byte the result will hold. Touches nothing."""
     sharded, index, shard_names = _discover(src)
     config_path = src / CONFIG_NAME
@@ -382,7 +379,7 @@ def build_plan(src: Path, layers: Union[str, Iterable[int]]) -> Plan:
         shards=shards,
         index_text=index_text,
         config_text=json.dumps(new_cfg, indent=2, sort_keys=True) + "\n",
-        model_card_text=_model_card(src, removed, num_layers),
+        model_card_text=_model_card(src, removed, num_layers, chosen_by),
         kept_bytes=kept_bytes,
         kept_tensors=kept_tensors,
         cut_id=cut_id,
@@ -961,7 +958,8 @@ def _already_done(src: Path, layers) -> Optional[dict]:
     return record if requested == record["removed"] else None
 
 
-def _cut_in_place(src: Path, layers, verify: bool, copy_method: str) -> tuple[Optional[Plan], int, int, bool]:
+def _cut_in_place(src: Path, layers, verify: bool, copy_method: str,
+                  chosen_by: str = "manual") -> tuple[Optional[Plan], int, int, bool]:
     """(plan, bytes copied, shards written, resumed); plan is None when the folder already holds this cut."""
     journal_path = src / JOURNAL_NAME
     resumed = os.path.lexists(journal_path)
@@ -974,7 +972,7 @@ def _cut_in_place(src: Path, layers, verify: bool, copy_method: str) -> tuple[Op
     else:
         if _already_done(src, layers) is not None:
             return None, 0, 0, False
-        plan = build_plan(src, layers)
+        plan = build_plan(src, layers, chosen_by)
         _refuse_shared_files(src, plan)
         if copy_method == "auto":
             _plan_collapses(src, plan)
@@ -1031,6 +1029,7 @@ def cut_checkpoint(
     verify: bool = False,
     copy_method: str = "auto",
     check: bool = True,
+    chosen_by: str = "manual",
 ) -> CutResult:
     """Remove whole layers from a safetensors checkpoint folder without loading the model.
 
@@ -1043,6 +1042,7 @@ def cut_checkpoint(
         copy_method: "auto" (reflink, then copy_file_range, then read/write), "copy_file_range" or "readwrite".
         check: before writing anything, prove that the pruned config builds the original model minus the removed
             blocks and that the renamed tensors fit it (surgery/verify_structure.py); refuse otherwise.
+        chosen_by: what picked the layers (a metric such as "bi", or "manual"), recorded in the model card.
 
     Returns:
         CutResult with the removed layers, the old->new index map, the output folder, bytes copied and timing.
@@ -1061,8 +1061,8 @@ def cut_checkpoint(
             raise SurgeryError(f"{src} is not a directory; pass the checkpoint folder that holds config.json")
         if check and not os.path.lexists(src / JOURNAL_NAME) and _already_done(src, layers) is None:
             # A pending journal was proven when it was written; a fresh cut is proven before its journal exists.
-            check_structure(src, build_plan(src, layers))
-        plan, copied, written, resumed = _cut_in_place(src, layers, verify, copy_method)
+            check_structure(src, build_plan(src, layers, chosen_by))
+        plan, copied, written, resumed = _cut_in_place(src, layers, verify, copy_method, chosen_by)
         if plan is None:
             record = _already_done(src, layers)
             gone = set(record["removed"])
@@ -1075,7 +1075,7 @@ def cut_checkpoint(
         if os.path.lexists(src / JOURNAL_NAME):
             raise SurgeryError(f"{src} is in the middle of an interrupted in-place cut; rerun that command with "
                                "--in-place to finish it before copying")
-        plan = build_plan(src, layers)
+        plan = build_plan(src, layers, chosen_by)
         if check:
             check_structure(src, plan)
         output = Path(out)
