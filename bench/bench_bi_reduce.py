@@ -12,6 +12,7 @@ transformers LlamaDecoderLayer of the same width on the same tokens, in fp32.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -90,11 +91,12 @@ def decoder_layer_seconds(hidden: int, tokens: int, device: str, budget_s: float
     position_ids = torch.arange(tokens, device=device)[None]
     with torch.no_grad():
         cos_sin = rotary(x, position_ids)
-        run = lambda: layer(x, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)  # noqa: E731
+        def run():
+            return layer(x, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)
+
         timer = Timer(device)
         first = timer(run)
         seconds = first if first > 5.0 else min(first, timer(run))
-    del layer, x
     return seconds, f"{config.intermediate_size=}, heads={config.num_attention_heads}/{config.num_key_value_heads}, fp32"
 
 
@@ -153,11 +155,14 @@ def bench_case(tokens, hidden, dtype_name, device, rounds, kernel, timer):
     nbytes = 2 * x_in.numel() * x_in.element_size()
     ceiling_input = torch.randn(nbytes // 4, generator=gen, device=device)
     inputs = bi.validate(x_in, x_out, None, None, None)
+    def cosine_similarity():
+        return 1 - F.cosine_similarity(x_in, x_out, dim=-1).mean()
+
     methods = {
-        "kernel": lambda: kernel(inputs),
-        "read_ceiling_fp32_sum": lambda: ceiling_input.sum(),
-        "torch_backend": lambda: bi.torch_backend(inputs),
-        "cosine_similarity": lambda: 1 - F.cosine_similarity(x_in, x_out, dim=-1).mean(),
+        "kernel": functools.partial(kernel, inputs),
+        "read_ceiling_fp32_sum": ceiling_input.sum,
+        "torch_backend": functools.partial(bi.torch_backend, inputs),
+        "cosine_similarity": cosine_similarity,
     }
     seconds = interleaved_medians(methods, rounds, timer)
     result = {
@@ -168,7 +173,6 @@ def bench_case(tokens, hidden, dtype_name, device, rounds, kernel, timer):
     result["kernel_fraction_of_ceiling"] = seconds["read_ceiling_fp32_sum"] / seconds["kernel"]
     result["speedup_vs_cosine_similarity"] = seconds["cosine_similarity"] / seconds["kernel"]
     result["speedup_vs_torch_backend"] = seconds["torch_backend"] / seconds["kernel"]
-    del x_in, x_out, ceiling_input, inputs
     return result
 
 

@@ -136,8 +136,8 @@ print(json.dumps({{"seconds": seconds, "peak_rss_mb": peak, "rss_after_imports_m
 def _run_python(method: str, src: Path, dst: Path, layers: list[int]) -> dict:
     code = _CHILD[method].split("\n")
     # Imports happen before the clock starts: interpreter and torch start-up are not what is being compared.
-    imports = "\n".join(l for l in code if l.startswith(("import", "from")))
-    body = "\n".join(l for l in code if not l.startswith(("import", "from")))
+    imports = "\n".join(line for line in code if line.startswith(("import", "from")))
+    body = "\n".join(line for line in code if not line.startswith(("import", "from")))
     script = _WRAPPER.format(imports=imports, body=body)
     proc = subprocess.run([sys.executable, "-c", script, str(src), str(dst), json.dumps(layers)],
                           capture_output=True, text=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 from typing import Optional
+
 from .errors import ShortGPTError
 
 SKIP_ENV = "SHORTGPT_FAST_SKIP_CPP"

@@ -243,15 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cut_subcommand(sub)
 
-    from .evaluation.compare import add_compare_subcommand
     from .evaluation.run import add_eval_subcommand
+    from .experiments.compare import add_compare_subcommand
 
     add_eval_subcommand(sub)
     add_compare_subcommand(sub)
     from .evaluation.heal import add_heal_subcommand
 
     add_heal_subcommand(sub)
-    from .models.support_matrix import add_archs_subcommand
+    from .experiments.support_matrix import add_archs_subcommand
 
     add_archs_subcommand(sub)
     return parser

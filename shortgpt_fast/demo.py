@@ -30,8 +30,7 @@ def _ppl_tokens(tokenizer, max_tokens: int) -> tuple[torch.Tensor, str]:
 
 
 def run_demo(args) -> int:
-    from .api import load
-    from .api import prune_to_dir
+    from .api import load, prune_to_dir
     from .cli import _score_from_args, format_layer_table
     from .evaluation.perplexity import perplexity
     from .evaluation.throughput import prefill_tokens_per_second

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shortgpt_fast.models import support_matrix
-from shortgpt_fast.models.support_matrix import NOT_APPLICABLE, PASS, SKIPPED, STEPS, cell_kind
+from shortgpt_fast.experiments import support_matrix
+from shortgpt_fast.experiments.support_matrix import NOT_APPLICABLE, PASS, SKIPPED, STEPS, cell_kind
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

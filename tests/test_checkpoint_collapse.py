@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint_surgery import _load_checked, _logits, _reference_logits, _tree
+from test_checkpoint_surgery_extra import _FORK_WORKER
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from shortgpt_fast import _C
 from shortgpt_fast.surgery import checkpoint as surgery
 from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, build_plan, cut_checkpoint
-from test_checkpoint_surgery import _load_checked, _logits, _reference_logits, _tree
-from test_checkpoint_surgery_extra import _FORK_WORKER
 
 SUPPORTED, BLOCK = _C.collapse_range_support(os.environ.get("TMPDIR", "/tmp"))
 needs_collapse = pytest.mark.skipif(not SUPPORTED, reason="the temp filesystem has no FALLOC_FL_COLLAPSE_RANGE")

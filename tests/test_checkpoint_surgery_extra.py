@@ -15,13 +15,21 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_checkpoint_surgery import (
+    MALFORMED,
+    _checkpoint_dir,
+    _entry,
+    _layer_tensors,
+    _load_checked,  # noqa: F401
+    _raw_safetensors,
+    _single,
+    _tree,
+    _with,
+)
 
 from shortgpt_fast import _C
 from shortgpt_fast.cli import main as cli_main
 from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, cut_checkpoint
-
-from test_checkpoint_surgery import (MALFORMED, _checkpoint_dir, _entry, _layer_tensors,
-                                     _load_checked, _raw_safetensors, _single, _tree, _with, hand_sharded)  # noqa: F401
 
 # ------------------------------------------------------------------------------------------------------------------
 # The real model: the cached 3-shard SmolLM2 folder, cut in both modes and compared with in-memory pruning.
@@ -353,7 +361,7 @@ def test_fuzz_header_parser_never_crashes(tmp_path, blob):
     assert h["data_start"] == 8 + h["header_len"] == 8 + struct.unpack("<Q", blob[:8])[0]
     json.loads(blob[8:h["data_start"]].decode("utf-8"))
     expected = 0
-    for _name, _dtype, shape, begin, end in h["tensors"]:
+    for _name, _dtype, _shape, begin, end in h["tensors"]:
         assert begin == expected and end >= begin
         expected = end
     assert expected == h["file_size"] - h["data_start"]

@@ -163,7 +163,7 @@ def test_prune_accepts_layer_ranges_like_cut(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_one_ratio_rule_for_prune_report_and_compare():
-    from shortgpt_fast.evaluation.compare import _layers_to_remove
+    from shortgpt_fast.experiments.compare import _layers_to_remove
     from shortgpt_fast.scoring.report import layers_for_ratio, removal_count
 
     # 0.25 of 26 layers is 6.5: half up gives 7 everywhere (banker's rounding would say 6).

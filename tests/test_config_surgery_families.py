@@ -405,7 +405,7 @@ def test_fp8_checkpoint_cut_carries_scales_and_renumbers_config(mtp, tmp_path):
 
 
 def _tiny_type(model_type, **overrides):
-    from shortgpt_fast.models.tiny_configs import tiny_config
+    from shortgpt_fast.experiments.tiny_configs import tiny_config
 
     return tiny_config(model_type, overrides)
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tiny_models import random_ids, tiny_llama
 
 from shortgpt_fast import api
 from shortgpt_fast.data.calibration import from_tensors
-from shortgpt_fast.scoring.distributed import share_counts, shard_calibration
+from shortgpt_fast.scoring.distributed import shard_calibration, share_counts
 from shortgpt_fast.scoring.report import SCORE_METRICS
-from tiny_models import random_ids, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 

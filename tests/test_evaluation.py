@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_llama, tiny_llama_real_vocab
 
 from shortgpt_fast.cli import main
 from shortgpt_fast.evaluation import run
 from shortgpt_fast.evaluation.perplexity import EvaluationError, perplexity
 from shortgpt_fast.evaluation.tasks import local_data
 from shortgpt_fast.surgery.in_memory import prune_model
-from tiny_models import random_ids, tiny_llama, tiny_llama_real_vocab
 
 LIMIT = 20
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_MODELS, random_ids
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 from shortgpt_fast import api
 from shortgpt_fast.models.architectures import find_block_stack
 from shortgpt_fast.models.config_surgery import ConfigSurgeryError, prune_config_dict
-from tiny_models import TINY_MODELS, random_ids
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))

@@ -7,12 +7,17 @@ import sys
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_llama_real_vocab
 
 from shortgpt_fast.cli import main
 from shortgpt_fast.evaluation.perplexity import EvaluationError
-from shortgpt_fast.evaluation.quantize import (format_order_table, four_bit_modules, model_bytes, quantization_order,
-                                               quantize)
-from tiny_models import tiny_llama, tiny_llama_real_vocab
+from shortgpt_fast.evaluation.quantize import (
+    format_order_table,
+    four_bit_modules,
+    model_bytes,
+    quantization_order,
+    quantize,
+)
 
 LIBRARY = {"nf4": "bitsandbytes", "int4": "torchao"}
 

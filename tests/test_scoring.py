@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY_MODELS, random_ids, tiny_llama
 
 from shortgpt_fast import api
 from shortgpt_fast.data.calibration import from_tensors
 from shortgpt_fast.models.architectures import find_block_stack
 from shortgpt_fast.scoring.block_influence import ScoringError, collect_layer_stats
-from tiny_models import TINY_MODELS, random_ids, tiny_llama
 
 
 def capture_block_io(model, input_ids, attention_mask=None):

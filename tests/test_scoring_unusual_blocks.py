@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from shortgpt_fast.models import support_matrix as sm
+from shortgpt_fast.experiments import support_matrix as sm
 from shortgpt_fast.models.architectures import find_block_stack
 from shortgpt_fast.models.identity_oracle import identity_logits
 from shortgpt_fast.ops.bi_reduce import Stat

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_MODELS, VOCAB, random_ids
 from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig, RwkvConfig
 
 from shortgpt_fast import api
 from shortgpt_fast.data.calibration import from_tensors
-from shortgpt_fast.models import support_matrix
+from shortgpt_fast.experiments import support_matrix
 from shortgpt_fast.scoring import streamed
 from shortgpt_fast.scoring.block_influence import collect_layer_stats
 from shortgpt_fast.scoring.report import SCORE_METRICS
 from shortgpt_fast.scoring.streamed import StreamingError, collect_layer_stats_streamed, read_safetensors_header
-from tiny_models import TINY_MODELS, VOCAB, random_ids
 
 REPO = Path(__file__).resolve().parents[1]
 

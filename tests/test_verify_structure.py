@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
 
 from shortgpt_fast.models import config_surgery
@@ -28,7 +29,6 @@ from shortgpt_fast.surgery.verify_structure import (
     verify_checkpoint_tensors,
     verify_pruned_config,
 )
-from tiny_models import random_ids, tiny_llama
 
 REMOVED = [1, 4]
 
@@ -217,7 +217,7 @@ def test_verified_cut_of_a_real_pattern_matches_the_oracle(tmp_path):
 @pytest.mark.parametrize("model_type", ["hy_v4", "zaya"])
 def test_planted_lost_handed_down_state_is_refused(model_type, tmp_path, monkeypatch):
     """Config surgery that forgets a layer hands state to the next (DSA top-k, ZAYA router state) is caught."""
-    from shortgpt_fast.models.tiny_configs import tiny_config
+    from shortgpt_fast.experiments.tiny_configs import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()

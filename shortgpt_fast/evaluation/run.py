@@ -233,7 +233,7 @@ def forward_flops_per_token(model: nn.Module, context: int) -> float:
     # From the layer shapes, not weight.numel(): a bitsandbytes 4-bit weight is stored as packed bytes.
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     config = model.config
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layers = len(find_block_stack(model).blocks)
     return 2.0 * linear + layers * 4.0 * context * heads * head_dim

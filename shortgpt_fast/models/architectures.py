@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Optional
+
 from ..errors import ShortGPTError
 
 if TYPE_CHECKING:  # checkpoint surgery uses the name patterns here and must not pay torch's import (~200 MB)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
 from ..errors import ShortGPTError, quote
 
 # Keys that name the layer count. GPT-2 style configs spell it differently.

@@ -16,7 +16,7 @@ from torch import nn
 from .architectures import find_block_stack
 
 
-def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     for name in ("hidden_states", "hidden", "x", "inputs_embeds"):
@@ -27,7 +27,7 @@ def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    x = _block_input(args, kwargs)
+    x = block_input(args, kwargs)
     if isinstance(output, torch.Tensor):
         return x
     if isinstance(output, tuple):

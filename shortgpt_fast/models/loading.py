@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
 from ..errors import ShortGPTError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -142,7 +143,7 @@ def is_local_checkpoint(model: str) -> bool:
 
 def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_map=None):
     """Load MODEL for scoring: eval mode, no KV cache, the requested dtype and device."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")

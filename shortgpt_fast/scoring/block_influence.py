@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..data.calibration import CalibrationSet
+from ..errors import ShortGPTError
 from ..models.architectures import find_block_stack
 from ..ops.bi_reduce import NUM_STATS, Stat, bi_reduce
-from ..errors import ShortGPTError
 
 
 class ScoringError(ShortGPTError):

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..errors import ShortGPTError
 from ..ops.bi_reduce import Stat
 from .block_influence import LayerStats
-from ..errors import ShortGPTError
 
 # Metrics ranked "least important first" by ascending value: a block that changes its input least goes first.
 SCORE_METRICS = ("bi", "angular", "angular_last_token", "relative_magnitude")

@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from shortgpt_fast import _native
-from shortgpt_fast.surgery.model_card import removal_section, with_removal
-from shortgpt_fast.surgery import untrusted
-from shortgpt_fast.surgery.untrusted import SurgeryError, quote
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, renamed_tensor
 from shortgpt_fast.models.config_surgery import (
     LAYER_COUNT_KEYS,
@@ -38,6 +35,9 @@ from shortgpt_fast.models.config_surgery import (
     prune_config_dict,
     validate_layers,
 )
+from shortgpt_fast.surgery import untrusted
+from shortgpt_fast.surgery.model_card import removal_section, with_removal
+from shortgpt_fast.surgery.untrusted import SurgeryError, quote
 
 # Loaded on first use, so `cut` without the extension (or off Linux) fails with one line saying how to get it.
 _C = _native.LazyExtension("checkpoint surgery (cut)", needs=_native.SURGERY_SYMBOL)
@@ -347,7 +347,7 @@ def build_plan(src: Path, layers: Union[str, Iterable[int]], chosen_by: str = "m
         final_size = 8 + len(header) + sum(r[1] for r in runs)
         shards.append(ShardPlan(name, target, kind, header.decode("utf-8"), old_len, runs, old_sha, new_sha,
                                 final_size))
-        for tensor, new_name, dtype, shape, begin, end in kept:
+        for tensor, new_name, _dtype, _shape, begin, end in kept:
             new_weight_map[new_name] = target
             kept_tensors.append((name, tensor, target, new_name, data_start + begin, end - begin))
             kept_bytes += end - begin

@@ -15,6 +15,7 @@ import re
 import stat
 from pathlib import Path
 from typing import Iterable, Optional, Union
+
 from ..errors import ShortGPTError, quote
 from ..models import config_surgery
 

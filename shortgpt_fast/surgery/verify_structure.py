@@ -30,6 +30,7 @@ import sys
 import types
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
 from ..errors import ShortGPTError
 
 INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_number", "block_idx", "layer_index"})

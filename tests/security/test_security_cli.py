@@ -127,10 +127,10 @@ def test_prune_report_of_another_model_is_refused(tmp_path, capsys):
 
 def test_heal_refuses_to_save_non_finite_weights(tmp_path):
     import torch
+    from tiny_models import tiny_llama
 
     from shortgpt_fast.evaluation.heal import save_healed
     from shortgpt_fast.evaluation.perplexity import EvaluationError
-    from tiny_models import tiny_llama
 
     model = tiny_llama(num_layers=2)
     with torch.no_grad():

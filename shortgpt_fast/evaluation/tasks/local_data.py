@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from shortgpt_fast.data.jsonl import read_jsonl_rows
+
 from ...errors import ShortGPTError
 
 

@@ -33,6 +33,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
+
 from ...errors import ShortGPTError
 
 

@@ -546,8 +546,8 @@ def _load(folder: Path, row: Row, what: str, cls):
 
 def _block_io_reference(model, calib) -> torch.Tensor:
     """Per-layer token-mean BI in float64 from plain hooks on one unbatched forward: independent of the scorer."""
-    from .architectures import find_block_stack
-    from .identity_oracle import _block_input
+    from ..models.architectures import find_block_stack
+    from ..models.identity_oracle import block_input
 
     blocks = find_block_stack(model).blocks
     sums = torch.zeros(len(blocks), dtype=torch.float64)
@@ -567,7 +567,7 @@ def _block_io_reference(model, calib) -> torch.Tensor:
 
     def hook_for(i):
         def hook(module, args, kwargs, output):
-            a = per_token(_block_input(args, kwargs))
+            a = per_token(block_input(args, kwargs))
             b = per_token(output if isinstance(output, torch.Tensor) else output[0])
             # The scorer's convention for a zero row (ops/bi_reduce.py): cos = dot / EPS, so BI 1, not NaN.
             cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).clamp(-1, 1)
@@ -654,11 +654,11 @@ def _build(row: Row, workdir: Path) -> dict:
 
 
 def _run(row: Row, result: Result, workdir: Path) -> None:
+    from ..models.identity_oracle import identity_logits
     from ..scoring.block_influence import collect_layer_stats
     from ..scoring.streamed import collect_layer_stats_streamed
     from ..surgery.checkpoint import cut_checkpoint
     from ..surgery.in_memory import prune_model
-    from .identity_oracle import identity_logits
 
     try:
         state = _build(row, workdir)

@@ -1,0 +1,1 @@
+"""Experiments built on the API: method comparisons and the architecture support matrix."""

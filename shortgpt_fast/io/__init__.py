@@ -1,0 +1,1 @@
+"""Reading checkpoint files: the one safetensors header/index/dtype reader."""
