@@ -73,10 +73,13 @@ std::string printable(const std::string& text) {
     throw SafetensorsFormatError(printable(path + ": " + why));
 }
 
-// Bits per element. Sub-byte float formats exist in safetensors >= 0.6, so sizes are computed in bits.
+// Bits per element: every dtype safetensors 0.8 defines (its Rust `Dtype` enum has these 22 variants). Sub-byte
+// float formats exist in safetensors >= 0.6, so sizes are computed in bits. shortgpt_fast/io/safetensors.py holds the
+// same table (DTYPE_BITS) for the pure-Python fallback, and a test checks the two agree.
 int dtype_bits(const std::string& dtype) {
     static const std::map<std::string, int> table = {
         {"BOOL", 8}, {"U8", 8}, {"I8", 8}, {"F8_E5M2", 8}, {"F8_E4M3", 8}, {"F8_E8M0", 8},
+        {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8},
         {"I16", 16}, {"U16", 16}, {"F16", 16}, {"BF16", 16},
         {"I32", 32}, {"U32", 32}, {"F32", 32},
         {"I64", 64}, {"U64", 64}, {"F64", 64}, {"C64", 64},
@@ -251,6 +254,7 @@ TensorEntry parse_tensor(JsonCursor& c, const std::string& path, const std::stri
     return t;
 }
 
+// Everything but the end of the data section, which is checked once the tensors are in data order (see below).
 void check_tensor(const TensorEntry& t, const std::string& path, uint64_t data_len) {
     const std::string& name = t.name;
     int bits = dtype_bits(t.dtype);
@@ -258,9 +262,6 @@ void check_tensor(const TensorEntry& t, const std::string& path, uint64_t data_l
     if (t.begin > t.end)
         throw_format(path, "tensor '" + name + "': data_offsets [" + std::to_string(t.begin) + ", " +
                                std::to_string(t.end) + "] end before they begin");
-    if (t.end > data_len)
-        throw_format(path, "tensor '" + name + "': data_offsets end at " + std::to_string(t.end) +
-                               " but the data section has " + std::to_string(data_len) + " bytes (truncated?)");
     uint64_t elements = 1;
     for (uint64_t d : t.shape)
         if (__builtin_mul_overflow(elements, d, &elements))
@@ -268,7 +269,8 @@ void check_tensor(const TensorEntry& t, const std::string& path, uint64_t data_l
     uint64_t total_bits;
     if (__builtin_mul_overflow(elements, static_cast<uint64_t>(bits), &total_bits) || total_bits % 8 != 0)
         throw_format(path, "tensor '" + name + "': shape does not fill whole bytes for dtype " + t.dtype);
-    if (total_bits / 8 != t.end - t.begin)
+    // An end past the data section is reported as truncation, in data order, rather than as a size mismatch.
+    if (t.end <= data_len && total_bits / 8 != t.end - t.begin)
         throw_format(path, "tensor '" + name + "': " + t.dtype + " shape needs " + std::to_string(total_bits / 8) +
                                " bytes but data_offsets span " + std::to_string(t.end - t.begin));
 }
@@ -338,6 +340,10 @@ ParsedHeader parse_header_file(const std::string& path) {
         if (t.begin > expected)
             throw_format(path, "hole of " + std::to_string(t.begin - expected) + " bytes before tensor '" + t.name +
                                    "' at data offset " + std::to_string(expected));
+        // In data order, so a truncated file names the tensor the cut falls in, not whichever the JSON lists first.
+        if (t.end > data_len)
+            throw_format(path, "tensor '" + t.name + "': data_offsets end at " + std::to_string(t.end) +
+                                   " but the data section has " + std::to_string(data_len) + " bytes (truncated?)");
         expected = t.end;
         previous = &t;
     }

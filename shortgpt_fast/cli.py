@@ -156,18 +156,12 @@ def _local_tensor_names(model: str):
         folder = Path(model).expanduser()
         if not folder.is_dir():
             return None  # aliases and hub ids: no cheap way to list tensors, the layer count check stands alone
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            return list(json.loads(index.read_text()).get("weight_map", {}))
-        single = folder / "model.safetensors"
-        if single.is_file():
-            from . import _native
+        from .io.safetensors import read_weight_map
 
-            header = _native.load("reading a checkpoint header", _native.SURGERY_SYMBOL).safetensors_read_header
-            return [t[0] for t in header(str(single))["tensors"]]
-    except (OSError, ValueError, AttributeError, ImportError):
+        weight_map = read_weight_map(folder)
+        return None if weight_map is None else list(weight_map)
+    except (OSError, ValueError):
         return None
-    return None
 
 
 def _read_report(path: str) -> dict:

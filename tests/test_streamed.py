@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig, Rwkv
 from shortgpt_fast import api
 from shortgpt_fast.data.calibration import from_tensors
 from shortgpt_fast.experiments import support_matrix
+from shortgpt_fast.io.safetensors import read_header
 from shortgpt_fast.scoring import streamed
 from shortgpt_fast.scoring.block_influence import collect_layer_stats
 from shortgpt_fast.scoring.report import SCORE_METRICS
-from shortgpt_fast.scoring.streamed import StreamingError, collect_layer_stats_streamed, read_safetensors_header
+from shortgpt_fast.scoring.streamed import StreamingError, collect_layer_stats_streamed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,8 +126,7 @@ def test_falcon_tuple_blocks_stream_like_in_memory(tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_moe_experts_fused_on_load_stream_like_in_memory(family, tmp_path):
     folder = save_sharded(FAMILIES[family](), tmp_path / family)
-    stored = [name for shard in folder.glob("*.safetensors") for name in read_safetensors_header(shard)
-              if not name.startswith("__")]
+    stored = [t[0] for shard in folder.glob("*.safetensors") for t in read_header(shard)["tensors"]]
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     # The premise: the checkpoint keeps one tensor per expert, the loaded model one fused tensor per layer.
     assert any(".experts.0." in name for name in stored) and not any("gate_up_proj" in name for name in stored)
@@ -204,13 +204,12 @@ def _largest_layer_tensor(folder: Path):
     """(shard, tensor name, header entry) of the biggest layer tensor, so damage in it is read by a block load."""
     best = None
     for shard in sorted(folder.glob("*.safetensors")):
-        header = read_safetensors_header(shard)
-        for name, info in header.items():
-            if name.startswith("__") or ".layers." not in name:
+        header = read_header(shard)
+        for name, _dtype, _shape, begin, end in header["tensors"]:
+            if ".layers." not in name:
                 continue
-            begin, end = info["data_offsets"]
             if best is None or end - begin > best[3] - best[2]:
-                best = (shard, name, begin + header["__data_start__"], end + header["__data_start__"])
+                best = (shard, name, begin + header["data_start"], end + header["data_start"])
     return best
 
 
@@ -293,9 +292,8 @@ def test_peak_rss_stays_within_a_few_blocks(tmp_path):
     tiny = save_sharded(FAMILIES["llama"](), tmp_path / "tiny")
     header_sizes = {}
     for shard in big.glob("*.safetensors"):
-        for name, info in read_safetensors_header(shard).items():
-            if not name.startswith("__"):
-                header_sizes[name] = info["data_offsets"][1] - info["data_offsets"][0]
+        for name, _dtype, _shape, begin, end in read_header(shard)["tensors"]:
+            header_sizes[name] = end - begin
     largest_block = max(sum(v for k, v in header_sizes.items() if k.startswith(f"model.layers.{i}.")) for i in range(24))
     outside = sum(v for k, v in header_sizes.items() if ".layers." not in k and not k.startswith("lm_head"))
     child = PEAK_CHILD.format(tiny=str(tiny), big=str(big))

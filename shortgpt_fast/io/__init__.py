@@ -1,1 +1,1 @@
-"""Reading checkpoint files: the one safetensors header/index/dtype reader."""
+"""Reading checkpoint files: the one safetensors header/index/dtype reader (shortgpt_fast.io.safetensors)."""

@@ -12,9 +12,7 @@ drop it. The next block loads in a background thread meanwhile, so disk reads ov
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 import sys
 import tempfile
 import time
@@ -28,12 +26,12 @@ import torch
 from torch import nn
 
 from ..data.calibration import CalibrationSet
+from ..errors import one_line
+from ..io import safetensors as st
 from ..models.architectures import find_block_stack
 from ..models.loading import DTYPES, ModelLoadError, resolve_model_path
 from .block_influence import LayerAccumulator, LayerStats, ScoringError, _forward_kwargs, batch_layout
 
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Fraction of free memory that activations may take; the rest is for two blocks in flight and the kernels' scratch.
 ACTIVATION_MEMORY_FRACTION = 0.5
 # Streaming is chosen automatically when the model would take more than this fraction of the free memory.
@@ -53,20 +51,13 @@ class StreamedLayerStats(LayerStats):
 
 # ---- checkpoint access -----------------------------------------------------------------------------------------
 
-def read_safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise StreamingError(f"shard {path.name} is truncated: it is shorter than the 8-byte header length")
-        (length,) = struct.unpack("<Q", raw)
-        header = fh.read(length)
+def _checked(read, path: Path):
+    """`read(path)` with a malformed header or index (shortgpt_fast.io.safetensors) reported as a StreamingError."""
     try:
-        parsed = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise StreamingError(f"shard {path.name} has a corrupt header (not JSON); re-download or re-save it") from None
-    parsed.pop("__metadata__", None)
-    parsed["__data_start__"] = 8 + length
-    return parsed
+        return read(path)
+    except st.SafetensorsError as err:
+        hint = "" if "re-save" in str(err) else "; re-download or re-save the checkpoint"
+        raise StreamingError(f"{err}{hint}") from None
 
 
 class CheckpointShards:
@@ -74,18 +65,11 @@ class CheckpointShards:
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        single = self.folder / "model.safetensors"
-        if index.exists():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
-        elif single.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as fh:
-                self.weight_map = {name: single.name for name in fh.keys()}
-        else:
+        weight_map = _checked(st.read_weight_map, self.folder)
+        if weight_map is None:
             raise StreamingError(f"{folder} holds no safetensors weights (model.safetensors or its index); streamed "
                                  "scoring reads only safetensors checkpoints")
+        self.weight_map = weight_map
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -94,15 +78,15 @@ class CheckpointShards:
         """Bytes of every tensor, as stored or, given `dtype`, after casting floating tensors to it."""
         total = 0
         for shard in sorted(set(self.weight_map.values())):
-            for name, info in read_safetensors_header(self.folder / shard).items():
-                if name.startswith("__"):
-                    continue
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                stored = SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 2)
-                is_float = info["dtype"].startswith(("F", "BF"))
-                total += count * (torch.empty(0, dtype=dtype).element_size() if dtype and is_float else stored)
+            # The reader refuses an unknown dtype by name: guessing its size would misjudge what fits in memory.
+            for _name, stored_dtype, shape, begin, end in _checked(st.read_header, self.folder / shard)["tensors"]:
+                if dtype is not None and stored_dtype in st.FLOAT_DTYPES:
+                    count = 1
+                    for dim in shape:
+                        count *= dim
+                    total += count * torch.empty(0, dtype=dtype).element_size()
+                else:
+                    total += end - begin
         return total
 
     def load(self, wanted: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -146,18 +130,13 @@ class CheckpointShards:
 
     def _damage_message(self, path: Path, name: str, err: Exception) -> str:
         """Name the tensor that lies where the file is damaged, which is not always the one being read."""
-        culprit = name
         try:
-            header = read_safetensors_header(path)
-            available = path.stat().st_size - header["__data_start__"]
-            beyond = [(info["data_offsets"][1], n) for n, info in header.items()
-                      if not n.startswith("__") and info["data_offsets"][1] > available]
-            if beyond:
-                culprit = min(beyond)[1]
-        except StreamingError:
-            pass
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return (f"shard {path.name} is corrupt or truncated at tensor {culprit} ({reason}); re-download or re-save "
+            st.read_header(path)
+        except (st.SafetensorsError, OSError) as damage:
+            # The header reader names the tensor a truncation falls in (the first one in data order it cuts).
+            return f"{one_line(damage)}; re-download or re-save the checkpoint"
+        reason = one_line(err)
+        return (f"shard {path.name} is corrupt or truncated at tensor {name} ({reason}); re-download or re-save "
                 "the checkpoint")
 
 
@@ -186,10 +165,10 @@ def streaming_decision(model: str, dtype: str, device) -> tuple[bool, str]:
     folder = resolve_model_path(model)
     if not Path(folder).is_dir():
         return False, f"{model} is not a local checkpoint; loading it whole"
-    try:
-        need = CheckpointShards(folder).total_bytes(DTYPES[dtype])
-    except StreamingError:
+    if _checked(st.read_weight_map, Path(folder)) is None:
         return False, f"{model} has no safetensors weights to stream; loading it whole"
+    # A damaged header or an unknown dtype is refused here, in one line, rather than guessed at or loaded whole.
+    need = CheckpointShards(folder).total_bytes(DTYPES[dtype])
     have = available_memory_bytes(device)
     stream = need > AUTO_STREAM_FRACTION * have
     verdict = "scoring streamed, one block at a time" if stream else "loading it whole"
@@ -308,8 +287,7 @@ class WeightPlan:
 
     def __init__(self, model: nn.Module, shards: CheckpointShards):
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
-                                                     rename_source_key)
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
         mapping = get_model_conversion_mapping(model)
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]

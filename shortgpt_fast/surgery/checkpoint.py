@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from shortgpt_fast import _native
+from shortgpt_fast.io.safetensors import INDEX_NAME, SINGLE_FILE_NAME, read_header
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, renamed_tensor
 from shortgpt_fast.models.config_surgery import (
     LAYER_COUNT_KEYS,
@@ -42,8 +43,6 @@ from shortgpt_fast.surgery.untrusted import SurgeryError, quote
 # Loaded on first use, so `cut` without the extension (or off Linux) fails with one line saying how to get it.
 _C = _native.LazyExtension("checkpoint surgery (cut)", needs=_native.SURGERY_SYMBOL)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 JOURNAL_NAME = ".shortgpt-cut-journal.json"
@@ -153,7 +152,9 @@ def _read_header(path: Path, root: Optional[Path] = None) -> dict:
     # The C++ reader opens with O_NOFOLLOW, so links are vetted (and resolved) here first.
     real = untrusted.check_link(path, root if root is not None else path.parent)
     try:
-        return _C.safetensors_read_header(real)
+        return read_header(real, engine="native")
+    except _native.NativeExtensionError:
+        raise
     except (ValueError, OSError) as e:
         message = str(e).replace(real, str(path)) if real != str(path) else str(e)
         raise SurgeryError(f"{message}; the checkpoint file is damaged, re-download or re-save it") from None
