@@ -267,7 +267,10 @@ def main(argv=None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = _cut_only_parser() if first == "cut" and not {"-h", "--help", "--version"} & set(argv[:1]) \
         else build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # argparse's one-line refusal (or --help); callers of main() get the exit code
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     debug = args.debug or os.environ.get("SHORTGPT_FAST_DEBUG") == "1"
     try:
         return int(args.func(args) or 0)

@@ -295,7 +295,7 @@ def test_a_refusal_and_a_failure_are_told_apart(monkeypatch):
 
 
 def test_a_type_that_cannot_be_built_is_listed_as_untested(monkeypatch):
-    from shortgpt_fast.models import tiny_configs
+    from shortgpt_fast.experiments import tiny_configs
 
     monkeypatch.setitem(tiny_configs.OVERRIDES, "cohere", {"hidden_act": "no_such_activation"})
     result = support_matrix.run_model_type("cohere")

@@ -25,6 +25,7 @@ from test_checkpoint_surgery import (
     _single,
     _tree,
     _with,
+    hand_sharded,  # noqa: F401  (a fixture, used by name)
 )
 
 from shortgpt_fast.cli import main as cli_main
