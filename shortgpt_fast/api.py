@@ -14,7 +14,7 @@ from torch import nn
 
 from .data import calibration
 from .data.calibration import CalibrationSet
-from .errors import ShortGPTError
+from .errors import ShortGPTError, one_line
 from .models.loading import DEFAULT_MODEL, DTYPES, load_model
 from .scoring.block_influence import collect_layer_stats
 from .scoring.report import Scores
@@ -153,7 +153,7 @@ def _tokenizer_for(model: str):
     try:
         return AutoTokenizer.from_pretrained(resolve_model_path(model))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
 
 
 def prune(model: nn.Module, layers: Sequence[int], verify: bool = True) -> nn.Module:

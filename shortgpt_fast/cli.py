@@ -10,6 +10,7 @@ from typing import Optional
 
 from . import __version__
 from . import cli_types as T
+from .errors import MAX_ERROR_CHARS, one_line
 
 EXIT_USAGE = 2
 
@@ -189,8 +190,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         message = message.strip().splitlines()[0] if message.strip() else "bad arguments"
-        if len(message) > _MAX_ERROR_CHARS:
-            message = message[:_MAX_ERROR_CHARS] + "..."
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS] + "..."
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:
         if debug:
             raise
-        print(f"shortgpt-fast: error: {_one_line(err)}", file=sys.stderr)
+        print(f"shortgpt-fast: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("shortgpt-fast: interrupted", file=sys.stderr)
@@ -285,24 +286,9 @@ def main(argv=None) -> int:
     except (Exception, RecursionError, MemoryError) as err:  # noqa: BLE001 - the one-line contract covers bugs too
         if debug:
             raise
-        print(f"shortgpt-fast: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback "
+        print(f"shortgpt-fast: error: {type(err).__name__}: {one_line(err)} (rerun with --debug for the traceback "
               "and report it)", file=sys.stderr)
         return 1
-
-
-# One error line quotes values from the command line and from files; beyond this it is cut rather than flooding the
-# terminal (a 2-million-entry --layers list once produced a 17 MB line).
-_MAX_ERROR_CHARS = 500
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    message = text.splitlines()[0] if text else type(err).__name__
-    if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
-        message += f": {err.filename}"
-    if len(message) > _MAX_ERROR_CHARS:
-        message = message[:_MAX_ERROR_CHARS] + f"... ({len(message) - _MAX_ERROR_CHARS} more characters)"
-    return message
 
 
 if __name__ == "__main__":

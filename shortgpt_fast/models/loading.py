@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ShortGPTError
+from ..errors import ShortGPTError, one_line
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -151,7 +151,7 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
-        raise ModelLoadError(f"cannot load a config for {model!r}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load a config for {model!r}: {one_line(err)}") from None
     kwargs = {"dtype": DTYPES[dtype]}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -163,7 +163,7 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
     return net, tokenizer, path
 
 

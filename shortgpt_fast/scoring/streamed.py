@@ -346,7 +346,7 @@ class WeightPlan:
             try:
                 converted = converter.convert(key, model=model, config=model.config)
             except Exception as err:  # noqa: BLE001 - the ops raise whatever torch raises on mismatched inputs
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                reason = one_line(err)
                 raise StreamingError(f"cannot build {key} from its {len(sources)} checkpoint tensors ({reason}); the "
                                      "checkpoint may be incomplete: re-download or re-save it") from None
             for target, value in converted.items():
@@ -476,7 +476,7 @@ def collect_layer_stats_streamed(
             if "meta" in str(err):
                 raise StreamingError(
                     f"{type(model).__name__} ({model_type}) uses weights outside its block stack between "
-                    f"blocks, so its blocks cannot be replayed one at a time: {str(err).splitlines()[0]}") from None
+                    f"blocks, so its blocks cannot be replayed one at a time: {one_line(err)}") from None
             raise
         raise StreamingError(f"the forward pass of {type(model).__name__} never reached its last block "
                              f"({stack.path}); it cannot be scored streamed")

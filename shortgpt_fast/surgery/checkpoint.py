@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from shortgpt_fast import _native
+from shortgpt_fast.errors import one_line
 from shortgpt_fast.io.safetensors import INDEX_NAME, SINGLE_FILE_NAME, read_header
 from shortgpt_fast.models.architectures import ArchitectureError, checkpoint_layer_prefix, renamed_tensor
 from shortgpt_fast.models.config_surgery import (
@@ -537,7 +538,7 @@ def _verify(result_dir: Path, plan: Plan, expected: dict[str, list[str]]) -> Non
         except SurgeryError:
             raise
         except Exception as e:  # the library refuses some dtypes (F4, F6) or files; say so in one line
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = one_line(e)
             raise SurgeryError(f"verify: the safetensors library cannot read {path} ({quote(why, 200)}); the cut "
                                "itself is complete, rerun without --verify to finish and check the result another "
                                "way") from None

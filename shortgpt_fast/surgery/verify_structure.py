@@ -31,7 +31,7 @@ import types
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ..errors import ShortGPTError
+from ..errors import ShortGPTError, one_line
 
 INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_number", "block_idx", "layer_index"})
 # Model-level flags derived from the layer pattern as a whole ("is any layer sliding?") that only decide which masks
@@ -75,7 +75,7 @@ def _config_object(cfg: Mapping):
             warnings.simplefilter("ignore")
             return CONFIG_MAPPING[model_type].from_dict(dict(d, model_type=model_type))
     except Exception as err:  # noqa: BLE001 - any failure means we cannot prove the cut
-        raise StructureMismatch(f"transformers cannot build a {model_type!r} config ({_first_line(err)}); "
+        raise StructureMismatch(f"transformers cannot build a {model_type!r} config ({one_line(err, 200)}); "
                                 "cannot verify the cut, pass --no-verify to skip the check") from None
 
 
@@ -100,7 +100,7 @@ def build_skeleton(cfg: Mapping):
                     return cls.from_config(config)
                 return cls._from_config(config)
         except Exception as err:  # noqa: BLE001
-            errors.append(f"{getattr(cls, '__name__', cls)}: {_first_line(err)}")
+            errors.append(f"{getattr(cls, '__name__', cls)}: {one_line(err, 200)}")
     raise StructureMismatch(f"cannot build a {config.model_type!r} model skeleton to verify the cut "
                             f"({'; '.join(errors)[:300]}); pass --no-verify to skip the check")
 
@@ -229,11 +229,6 @@ def _diff(old: dict, new: dict) -> Optional[str]:
 def _show(v: Any) -> str:
     text = repr(v[1] if isinstance(v, tuple) and len(v) == 2 and v[0] in ("v", "f", "dtype") else v)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 # ----------------------------------------------------------------------------------------------------------------
