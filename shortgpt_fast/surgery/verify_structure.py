@@ -408,11 +408,16 @@ def _expected_tensors(skeleton) -> dict[str, tuple]:
 
 
 def verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors: Mapping[str, Sequence[int]],
-                              renames: Mapping[str, Optional[str]]) -> None:
+                              renames: Mapping[str, Optional[str]],
+                              layer_map: Optional[Mapping[int, int]] = None) -> None:
     """Refuse unless the cut checkpoint fits the pruned skeleton exactly as the original fits the original.
 
     old_tensors: original checkpoint name -> shape; renames: original name -> new name (None when removed).
     """
+    from ..models.architectures import find_block_stack
+
+    stack_path = find_block_stack(old_skeleton).path
+
     def differences(expected: dict, stored: Mapping[str, Sequence[int]]) -> set:
         out = set()
         for name in expected.keys() | stored.keys():
@@ -429,7 +434,14 @@ def verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors: Mapping[s
     # model does not expect (e.g. an MTP layer, a weight_scale_inv) is fine if the cut stores it the same way.
     carried = set()
     for name, expected, stored in before:
-        new_name = renames.get(name, name) if name in old_tensors else _renamed_expected(name, renames)
+        if name in old_tensors:
+            new_name = renames.get(name, name)
+        elif layer_map is not None:
+            # A name only the model uses (the checkpoint stores that layer under converted names, or not at all):
+            # it follows its layer through the index map.
+            new_name = _renamed_paths(name, stack_path, layer_map)
+        else:
+            new_name = _renamed_expected(name, renames)
         if new_name is not None:
             carried.add((new_name, expected, stored))
     new_only = after - carried
@@ -468,8 +480,8 @@ def _renamed_expected(name: str, renames: Mapping[str, Optional[str]]) -> Option
 def verify_cut(old_config: Mapping, new_config: Mapping, removed: Sequence[int],
                old_tensors: Mapping[str, Sequence[int]], renames: Mapping[str, Optional[str]]) -> None:
     """Both checks for an on-disk cut; raises StructureMismatch with one line, returns None when proven."""
-    old_skeleton, new_skeleton, _ = verify_pruned_config(old_config, new_config, removed)
-    verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors, renames)
+    old_skeleton, new_skeleton, mapping = verify_pruned_config(old_config, new_config, removed)
+    verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors, renames, layer_map=mapping)
 
 
 # ----------------------------------------------------------------------------------------------------------------
