@@ -90,8 +90,6 @@ EXPECTED: dict[tuple[str, str], str] = {
     ('gemma4_unified_text', 'cut'): 'refused: layer 3 (new index 2) would change: self_attn.store_full_length',
     ('gemma4_unified_text', 'cut in-place'): 'refused: layer 3 (new index 2) would change: self_attn.store_full_length',
     ('gemma4_unified_text', 'generate'): 'needs prune',
-    ('got_ocr2', 'cut'): "refused: the pruned model expects tensor 'model.language_model.layers.0.",
-    ('got_ocr2', 'cut in-place'): "refused: the pruned model expects tensor 'model.language_model.layers.0.",
     ('hrm_text', 'score'): 'refused: layer 0 of model.L_module.layers runs more than once per f',
     ('hrm_text', 'prune'): 'refused: the pruned config builds 16 layers, expected 14 (16 minus 2 rem',
     ('hrm_text', 'reload'): 'needs prune',
