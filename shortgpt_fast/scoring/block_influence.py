@@ -1,7 +1,7 @@
 """In-memory scoring: one forward pass per calibration batch, metrics accumulated on the device by hooks.
 
 Each block is scored on its own input and output, captured by a forward hook. `output_hidden_states` is never used:
-its last entry comes after the final norm, which silently corrupts the last layer's BI (NOTES §2). The forward stops
+its last entry comes after the final norm, which silently corrupts the last layer's BI. The forward stops
 by exception right after the last block, so the final norm and the lm_head never run; only the first batch runs on
 to just before the output head, to catch blocks that run more than once per forward (refused: BI is undefined for
 them). A block the forward skips (an input it does not apply to) scores as the identity it then is. Per-sequence sums

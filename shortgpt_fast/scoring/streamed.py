@@ -4,7 +4,7 @@ Scoring needs only the unpruned model's block inputs and outputs, so the forward
 boundaries. The skeleton is built on the meta device; only what runs before block 0 (embeddings, rotary tables) is
 materialised. One forward pass of that skeleton records the exact call every block receives: each block's `forward`
 is temporarily replaced by a recorder, so per-layer inputs such as Qwen3's or Gemma2's sliding-window masks are
-captured too, not only block 0's (NOTES §3). A recorder returns what a real block returns (a tensor, or a tuple led by
+captured too, not only block 0's (replaying them reproduces every layer output exactly). A recorder returns what a real block returns (a tensor, or a tuple led by
 the hidden state, as Falcon's and RWKV's blocks do), learnt by running block 0 once first. Then, block by block: load
 its tensors from the safetensors shards through transformers' weight conversion mapping (MoE experts are stored one
 tensor per expert and fused on load), replay every recorded call through it, feed the shared `LayerAccumulator`, and
