@@ -46,6 +46,11 @@ def calibration_set(
     """Tokenized calibration sequences from a source (see `--calib`) or from tensors.
 
     padding=None packs text into full windows; padding='left'/'right' draws variable-length padded sequences.
+
+    data: a CalibrationSet (returned as is), an integer [n, L] tensor of token ids (attention_mask
+    optional, same shape), or a text source for `--calib`. Returns a CalibrationSet.
+    Example: calibration_set("my_texts/", tokenizer, samples=8, seq_len=128) (a folder of .txt/.md files).
+    Raises CalibrationError when text data comes without a tokenizer, and whatever the calibration reader refuses.
     """
     if isinstance(data, CalibrationSet):
         return data
@@ -87,6 +92,11 @@ def score(
     streamed=True scores a checkpoint folder or alias one block at a time (models larger than memory); None lets a
     path stream when its estimated size exceeds free memory, and prints the estimate. Under torch.distributed the
     calibration sequences are shared across ranks and gathered back, so every rank returns the full Scores.
+
+    model: a path, alias or loaded nn.Module; data: anything `calibration_set` takes. Returns a Scores.
+    Example: scores = score("path/to/model", "my_texts/", samples=8); scores.select("bi", 3).
+    Raises ValueError for streamed=True with a loaded module or with device_map; loading, calibration and scoring
+    refusals surface as their own ShortGPTError subclasses (ModelLoadError, CalibrationError, ScoringError).
     """
     from .scoring.distributed import scored_in_shares
 
@@ -191,7 +201,11 @@ def write_report(scores: Scores, report_path: Path, removed=None) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """The one "new or empty output folder" rule of every command that writes a folder."""
+    """The one "new or empty output folder" rule of every command that writes a folder.
+
+    out_dir: a Path; returns None when it does not exist or is an empty folder.
+    Raises ShortGPTError when it exists and is a file or a non-empty folder, so nothing is ever overwritten.
+    """
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ShortGPTError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
 

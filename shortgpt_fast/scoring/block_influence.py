@@ -24,6 +24,10 @@ from ..ops.bi_reduce import NUM_STATS, Stat, bi_reduce
 
 
 class ScoringError(ShortGPTError):
+    """Scoring refused or failed (e.g. a block that runs twice per forward, ambiguous hidden-state axes); one line that
+    says how to fix it. Base of streamed.StreamingError; a ShortGPTError, so the CLI prints it without a traceback.
+    """
+
     pass
 
 
@@ -84,6 +88,14 @@ class BatchLayout:
 
 
 def batch_layout(mask2d: torch.Tensor, start: int, device) -> BatchLayout:
+    """Where one calibration batch sits in the accumulators, built on `device`.
+
+    mask2d: [batch, seq_len] attention mask (0/1 or bool; left or right padding); start: global index of the batch's
+    first sequence. Returns a BatchLayout with rows [batch] = start..start+batch-1, mask and seq_index flattened to
+    [batch * seq_len], and last_pos [batch] (0 for an all-padding row).
+    Example: batch_layout(torch.ones(2, 5), 4, "cpu").rows.tolist() == [4, 5].
+    Refuses nothing itself; a mask2d that is not 2-D fails unpacking its shape with ValueError.
+    """
     mask2d = mask2d.to(device)
     batch, seq_len = mask2d.shape
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)

@@ -17,6 +17,10 @@ from .block_influence import LayerStats, ScoringError
 
 
 def launched_by_torchrun() -> bool:
+    """True when the environment says this process is one of several (WORLD_SIZE > 1, as torchrun sets it).
+
+    Example: with WORLD_SIZE unset or "1", launched_by_torchrun() is False. A non-integer WORLD_SIZE raises ValueError.
+    """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -35,6 +39,10 @@ def init_from_environment(device: str) -> str:
 
 
 def world() -> tuple[int, int]:
+    """(rank, world_size) of this process as ints: the process group's when one is initialised, else (0, 1).
+
+    Never raises; safe to call in a single-process run.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -43,15 +51,27 @@ def world() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
+    """True on rank 0 (and in a single-process run), the rank that writes the report; bool, never raises."""
     return world()[0] == 0
 
 
 def share_counts(num_sequences: int, world_size: int) -> list[int]:
+    """How many calibration sequences each rank scores: list[int] of length world_size, the first
+    num_sequences % world_size ranks taking one extra. Example: share_counts(10, 3) == [4, 3, 3].
+
+    A share may be 0 (shard_calibration refuses that); world_size 0 raises ZeroDivisionError.
+    """
     base, extra = divmod(num_sequences, world_size)
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 
 
 def shard_calibration(calib: CalibrationSet, rank: int, world_size: int) -> CalibrationSet:
+    """This rank's contiguous share of `calib`, as a CalibrationSet whose description gains rank and world_size.
+
+    Example: with 10 sequences and world_size 3, rank 1 gets sequences 4..6. Contiguous shares keep the gathered
+    per-sequence tensor in the original order. Raises ScoringError when there are fewer sequences than ranks
+    (some rank would get none).
+    """
     counts = share_counts(calib.num_sequences, world_size)
     if min(counts) == 0:
         raise ScoringError(f"{calib.num_sequences} calibration sequences cannot be shared by {world_size} ranks; "
@@ -76,7 +96,12 @@ def _all_gather_sequences(local: torch.Tensor, counts: list[int], seq_dim: int, 
 
 
 def gather_layer_stats(local: LayerStats, num_sequences: int, device="cpu") -> LayerStats:
-    """Every rank's per-sequence accumulators, in sequence order; the slowest rank's time."""
+    """Every rank's per-sequence accumulators, in sequence order; the slowest rank's time.
+
+    local: this rank's LayerStats; returns LayerStats with per_sequence [layers, num_sequences, NUM_STATS] on the
+    CPU (`local` itself when there is one process). Raises ScoringError when this rank scored a different number of
+    sequences than its share.
+    """
     import torch.distributed as dist
 
     rank, world_size = world()

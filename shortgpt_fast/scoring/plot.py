@@ -5,6 +5,13 @@ from typing import Optional, Sequence
 
 
 def plot_scores(scores, path, removed: Optional[Sequence[int]] = None, title: Optional[str] = None) -> None:
+    """Write the per-layer BI bar chart (log scale, bootstrap 95% CI error bars) of `scores` to `path`.
+
+    scores: a Scores (uses .bi, .bi_ci95(), .model, .tokens); path: file name, its extension picks the format
+    (e.g. "scores.png"); removed: layer indices drawn in red; title overrides the default label. Returns None.
+    Example: plot_scores(scores, "out/bi.png", removed=[20, 21]).
+    Imports matplotlib lazily (Agg backend): ImportError when it is not installed; OSError when path is not writable.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -25,6 +25,10 @@ DEFAULT_RATIO = 0.25
 
 
 class SelectionError(ShortGPTError):
+    """A layer choice that cannot be made: unknown metric, impossible --remove/--ratio count, or a span or ranking the
+    scores/report do not hold. One line saying what to choose instead.
+    """
+
     pass
 
 
@@ -52,10 +56,12 @@ class Scores:
     # ---- raw metrics -------------------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
+        """Number of scored blocks (int), the first dimension of stats.per_sequence."""
         return int(self.stats.per_sequence.shape[0])
 
     @property
     def tokens(self) -> int:
+        """Number of real (unmasked) calibration tokens each layer was scored on (int)."""
         return int(self.stats.per_sequence[0, :, Stat.TOKENS].sum())
 
     def _token_mean(self, column: Stat) -> np.ndarray:
@@ -64,28 +70,46 @@ class Scores:
 
     @property
     def bi(self) -> np.ndarray:
+        """Block Influence per layer, float64 ndarray [num_layers]: the token-weighted mean of 1 - cos(x_in, x_out).
+
+        Lower means the block changes its input less, so it ranks as less important. Example: scores.bi.argmin().
+        """
         return self._token_mean(Stat.SUM_ONE_MINUS_COS)
 
     @property
     def angular(self) -> np.ndarray:
+        """Mean angular distance arccos(cos)/π per layer, float64 ndarray [num_layers], weighted by tokens like `bi`."""
         return self._token_mean(Stat.SUM_ANGULAR)
 
     @property
     def relative_magnitude(self) -> np.ndarray:
+        """Mean ‖x_out - x_in‖ / ‖x_out‖ per layer, float64 ndarray [num_layers], weighted by tokens like `bi`."""
         return self._token_mean(Stat.SUM_REL_MAGNITUDE)
 
     @property
     def angular_last_token(self) -> np.ndarray:
+        """Angular distance on each sequence's last real token, averaged over the sequences that have any token:
+        float64 ndarray [num_layers].
+        """
         per_seq = self.stats.per_sequence
         has_tokens = (per_seq[:, :, Stat.TOKENS] > 0).to(torch.float64)
         return ((per_seq[:, :, Stat.LAST_ANGULAR] * has_tokens).sum(dim=1) / has_tokens.sum(dim=1)).numpy()
 
     def metric(self, name: str) -> np.ndarray:
+        """The per-layer values of a score metric by name, float64 ndarray [num_layers]. Example: scores.metric("bi").
+
+        Raises SelectionError for a name outside SCORE_METRICS (baselines such as "random" have rankings, not values).
+        """
         if name not in SCORE_METRICS:
             raise SelectionError(f"unknown score metric {name!r}; choose one of {SCORE_METRICS}")
         return getattr(self, name)
 
     def angular_span(self, n: int) -> np.ndarray:
+        """Last-token angular distance from layer ℓ to ℓ + n, averaged over sequences:
+        float64 ndarray [num_layers - n + 1]. Gromov et al.: its argmin starts the n consecutive layers to remove.
+
+        Raises SelectionError when spans of n layers were not computed at scoring time (rescore with --angular-span).
+        """
         if n not in self.stats.span_angular:
             raise SelectionError(
                 f"angular distance over {n} layers was not computed (spans 1..{max(self.stats.span_angular, default=0)}); "
@@ -106,6 +130,9 @@ class Scores:
         return self._bootstrap
 
     def bi_ci95(self) -> np.ndarray:
+        """Bootstrap 95% confidence interval of each layer's BI: float64 ndarray [num_layers, 2] of (2.5th, 97.5th)
+        percentiles over BOOTSTRAP_RESAMPLES resamples of whole sequences (seeded by `seed`, cached).
+        """
         return np.percentile(self.bootstrap_bi(), [2.5, 97.5], axis=0).T
 
     def rank_stability(self, n_remove: int) -> dict:
@@ -134,10 +161,19 @@ class Scores:
         raise SelectionError(f"unknown metric {metric!r}; choose one of {METRICS}")
 
     def select(self, metric: str, n_remove: int) -> list[int]:
+        """The `n_remove` layers `metric` removes, as a sorted list[int]. Example: scores.select("bi", 8) on 32 layers.
+
+        For "angular_span" the choice is the n consecutive layers with the smallest span distance; otherwise the first
+        n_remove of `ranking(metric)`. Raises SelectionError for an unknown metric or n_remove outside 1..num_layers-1.
+        """
         return _choose(self.num_layers, metric, n_remove, self.ranking, self.angular_span)
 
     # ---- report ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The stable JSON report as a dict: model, num_layers, tokens, calibration, block_path, per-layer metrics with
+        bi_ci95, rankings, angular spans, bootstrap settings, rank stability, timings and versions; plus removed,
+        removal_metric and index_map once `mark_removed` was called. Imports transformers to record its version.
+        """
         ci = self.bi_ci95()
         bi, ang, ang_last, rel = self.bi, self.angular, self.angular_last_token, self.relative_magnitude
         layers = [{
@@ -171,10 +207,18 @@ class Scores:
         return report
 
     def save(self, path) -> None:
+        """Write `to_dict()` as JSON to `path` (str or Path). Example: scores.save("scores.json").
+
+        Raises OSError when the file cannot be written.
+        """
         with open(path, "w") as fh:
             json.dump(self.to_dict(), fh, indent=1)
 
     def mark_removed(self, removed: list, metric: str, index_map: dict) -> None:
+        """Record a cut in the report: `removed` layer indices (stored sorted), the metric that chose them and the
+        old -> new layer index_map (copied). Returns None; raises nothing.
+        Example: scores.mark_removed([3, 5], "bi", {0: 0, 1: 1, 2: 2, 4: 3}).
+        """
         self.removed, self.removal_metric, self.index_map = sorted(removed), metric, dict(index_map)
 
 
@@ -214,7 +258,12 @@ def _choose(num_layers: int, metric: str, n_remove: int, ranking, span) -> list[
 
 
 def select_from_report(report: dict, metric: str, n_remove: int) -> list[int]:
-    """The same choice as `Scores.select`, from a saved JSON report (no rescoring)."""
+    """The same choice as `Scores.select`, from a saved JSON report (no rescoring).
+
+    report: the dict `Scores.to_dict()` wrote (json.load of scores.json). Returns a sorted list[int] of layers.
+    Example: select_from_report(json.load(open("scores.json")), "bi", 8).
+    Raises SelectionError when the report lacks that metric's ranking or span, or n_remove is out of range.
+    """
     def ranking(name):
         if name not in report["ranking"]:
             raise SelectionError(f"the report has no ranking for {name!r}; it has {sorted(report['ranking'])}")

@@ -39,6 +39,10 @@ AUTO_STREAM_FRACTION = 0.8
 
 
 class StreamingError(ScoringError):
+    """Streamed scoring refused or failed: a damaged checkpoint header or index, or an activation spill file that
+    returned too few bytes. A ScoringError, so callers that catch scoring errors catch it too.
+    """
+
     pass
 
 
@@ -143,6 +147,12 @@ class CheckpointShards:
 # ---- memory estimates ------------------------------------------------------------------------------------------
 
 def available_memory_bytes(device) -> int:
+    """Free memory in bytes (int) where `device` (str or torch.device) would hold tensors.
+
+    cuda: the free memory torch.cuda.mem_get_info reports for that GPU. Otherwise: MemAvailable from /proc/meminfo,
+    or psutil's available memory where /proc is missing. Example: available_memory_bytes("cpu").
+    Raises ImportError when neither /proc/meminfo nor psutil is available, RuntimeError for an invalid device.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -230,6 +240,13 @@ class ActivationStore:
 
 
 def choose_activation_tier(needed: int, device, budget: Optional[int]) -> tuple[str, str]:
+    """Where the streamed pass keeps `needed` bytes of activations: ("device" | "host" | "disk", note).
+
+    budget: bytes allowed on `device`, or None for ACTIVATION_MEMORY_FRACTION of its free memory. "device" when they
+    fit (note ""); on CUDA, "host" (pinned memory) when they fit in that fraction of free host memory; else "disk"
+    (a temporary file). The note says why for the user. Never refuses: the disk tier is the last resort.
+    Example: choose_activation_tier(1 << 20, "cpu", None) == ("device", "") on a machine with a few MB free.
+    """
     device = torch.device(device)
     device_budget = budget if budget is not None else int(ACTIVATION_MEMORY_FRACTION * available_memory_bytes(device))
     if needed <= device_budget:

@@ -68,6 +68,14 @@ _KILL_AFTER_STEP_ENV = "SHORTGPT_FAST_CUT_KILL_AFTER_STEP"
 
 @dataclass
 class CutResult:
+    """What `cut_checkpoint` did: removed layers (list[int]), index_map old -> new layer index (dict[int, int]), the
+    output folder (Path), bytes_copied and shards_written (int), seconds (float), whether it ran in place, the
+    copy_method used, and whether the result was verified or resumed from a journal.
+
+    already_done: in place, the folder already held this exact cut, so nothing was written. num_layers: decoder
+    layers before the cut. Plain data; constructing it raises nothing.
+    """
+
     removed: list[int]
     index_map: dict[int, int]
     output: Path
@@ -86,6 +94,13 @@ class CutResult:
 
 @dataclass
 class ShardPlan:
+    """What the cut does to one .safetensors shard: source and target file names (target None: the file is dropped),
+    kind ("header", "compact", "drop" or "collapse"), the new header text, the kept byte runs [offset, length], the
+    header hashes that let a resumed in-place cut tell which steps already happened, and the final size.
+
+    Plain data, serialised into the in-place journal via Plan.to_json; constructing it raises nothing.
+    """
+
     source: str
     target: Optional[str]  # None: every tensor in it was removed, the file goes away
     # "header": only names change and the header still fits, so the data stays where it is.
@@ -107,6 +122,14 @@ class ShardPlan:
 
 @dataclass
 class Plan:
+    """Everything a cut will write, computed by `build_plan` before any byte moves: removed layers, the old -> new
+    layer mapping, one ShardPlan per shard, the new index, config.json and model card texts, kept_bytes, and the
+    cut_id (sha256) recorded in the result's config.json.
+
+    `to_json()` gives a JSON-ready dict for the in-place journal; `Plan.from_json(d)` rebuilds it (KeyError/TypeError
+    on a malformed dict, which is why the journal is validated with untrusted.validate_plan_dict first).
+    """
+
     removed: list[int]
     num_layers: int
     prefix: str
@@ -247,7 +270,13 @@ def _model_card(src: Path, removed: list[int], num_layers: int, chosen_by: str) 
 
 
 def build_plan(src: Path, layers: Union[str, Iterable[int]], chosen_by: str = "manual") -> Plan:
-    """Read and validate every header, then decide every byte the result will hold. Touches nothing."""
+    """Read and validate every header, then decide every byte the result will hold. Touches nothing.
+
+    src: the checkpoint folder (Path); layers: "3,5-7" or indices to remove. Returns a Plan.
+    Example: plan = build_plan(Path("ckpt"), "20-23"); plan.mapping maps old layer indices to new ones.
+    Raises SurgeryError (one line) when config.json is missing or disagrees with the shards, the index and shards
+    disagree or share a tensor, the layer list is invalid, or a shard name the result needs is taken.
+    """
     sharded, index, shard_names = _discover(src)
     config_path = src / CONFIG_NAME
     if not os.path.lexists(config_path):

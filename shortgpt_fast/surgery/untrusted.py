@@ -43,6 +43,10 @@ def os_error_message(err: OSError, path: Path, action: str = "write", needed: Op
 
 
 def inside(child: str, parent: str) -> bool:
+    """Whether path string `child` is `parent` or lies below it, compared as strings (resolve links first).
+
+    Example: inside("/m/blobs/x", "/m/blobs") is True; inside("/m/blobsx", "/m/blobs") is False. Never raises.
+    """
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
@@ -93,6 +97,10 @@ def open_regular(path: Path, root: Path, what: str = "file") -> int:
 
 
 def file_kind(mode: int) -> str:
+    """A readable name for a non-regular file's st_mode, for error messages: "folder", "FIFO", "socket",
+    "character device", "block device", "symlink", or "special file" otherwise.
+    Example: file_kind(os.stat("/tmp").st_mode) == "folder". Never raises.
+    """
     for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
                        (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
                        (stat.S_ISLNK, "symlink")):
@@ -102,6 +110,12 @@ def file_kind(mode: int) -> str:
 
 
 def read_bytes(path: Path, root: Path, limit: int, what: str = "file") -> bytes:
+    """The whole content (bytes) of regular file `path` inside `root`, at most `limit` bytes; `what` names the file in
+    errors. Example: read_bytes(folder / "config.json", folder, 1 << 20, "config").
+
+    Raises SurgeryError (one line naming the file) for a link out of `root`, a non-regular file, an open/stat/read
+    error, or a file over `limit` (checked before reading and again after, in case it grew).
+    """
     fd = open_regular(path, root, what)
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -118,6 +132,11 @@ def read_bytes(path: Path, root: Path, limit: int, what: str = "file") -> bytes:
 
 
 def read_text(path: Path, root: Path, limit: int = MAX_SMALL_FILE_BYTES, what: str = "file") -> str:
+    """The content of `path` inside `root` as a str, decoded as UTF-8 with a leading BOM dropped.
+
+    Example: read_text(folder / "README.md", folder, what="model card"). Raises SurgeryError for everything
+    `read_bytes` refuses, and for bytes that are not UTF-8 (naming the offending byte).
+    """
     data = read_bytes(path, root, limit, what)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # editors on Windows add a BOM; it carries no content
@@ -146,6 +165,12 @@ def json_too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 def load_json(path: Path, root: Path, limit: int = MAX_SMALL_FILE_BYTES, what: str = "file") -> dict:
+    """Parse `path` inside `root` as a JSON object and return it as a dict.
+
+    Example: load_json(folder / "config.json", folder, what="config").get("num_hidden_layers").
+    Raises SurgeryError for everything `read_text` refuses, invalid JSON (with line and column), nesting deeper than
+    MAX_JSON_DEPTH, or a top-level value that is not an object.
+    """
     text = read_text(path, root, limit, what)
     try:
         data = json.loads(text)
@@ -219,6 +244,12 @@ def _pairs(value: object) -> bool:
 
 
 class JournalError(SurgeryError):
+    """Why a cut journal fails its schema or does not belong to this folder and run; the message is the bare reason.
+
+    A SurgeryError, but meant to be caught: the cut rewraps it into one SurgeryError that names the journal file
+    and says how to recover.
+    """
+
     pass
 
 

@@ -63,6 +63,9 @@ def bi_reduce(
     Example:
         stats = bi_reduce(h_in.flatten(0, 1), h_out.flatten(0, 1), mask.flatten(), seq_index, batch)
         bi = stats[:, Stat.SUM_ONE_MINUS_COS].sum() / stats[:, Stat.TOKENS].sum()
+
+    Raises BIReduceError when num_seqs is missing with seq_index, for inputs `contract.validate` refuses (shapes,
+    dtypes, devices), or when no backend can run them (or SHORTGPT_FAST_BACKEND forces one that cannot).
     """
     if seq_index is None and num_seqs is None:
         num_seqs = 1

@@ -71,6 +71,18 @@ class BIReduceInputs:
 
 
 def validate(x_in, x_out, mask, seq_index, num_seqs) -> BIReduceInputs:
+    """Check and normalise bi_reduce's arguments once, so every backend can trust them.
+
+    x_in, x_out: [tokens, hidden] tensors, same shape, device and dtype (float32, bfloat16 or float16).
+    mask: optional [tokens] tensor on the same device, cast to bool; None means every row is valid.
+    seq_index: optional [tokens] int32/int64 tensor (row -> sequence), cast to int64; needs num_seqs with it.
+    None puts every row in one sequence (num_seqs defaults to 1).
+    Returns a BIReduceInputs. Example: validate(a, b, None, None, None).num_seqs == 1 for a, b of shape [8, 16].
+
+    Raises BIReduceError (one line saying how to fix it) for non-tensors, non-2-D or mismatched shapes, devices or
+    dtypes, an unsupported dtype, hidden size 0, a mask or seq_index of the wrong shape, dtype or device, seq_index
+    without num_seqs, or num_seqs < 1.
+    """
     if not isinstance(x_in, torch.Tensor) or not isinstance(x_out, torch.Tensor):
         raise BIReduceError("bi_reduce: x_in and x_out must be torch tensors of shape [tokens, hidden]")
     if x_in.dim() != 2 or x_out.dim() != 2:

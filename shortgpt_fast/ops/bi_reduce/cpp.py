@@ -35,6 +35,11 @@ def _unit_inner_stride(t: torch.Tensor) -> bool:
 
 
 def not_supported_reasons(inputs: BIReduceInputs) -> list:
+    """Why the C++ kernel cannot run `inputs` (a validated BIReduceInputs), as a list of one-line str; [] when it can.
+
+    Reasons: the extension shortgpt_fast._C is missing or lacks bi_reduce_cpu, the tensors are not on the CPU, or
+    the hidden dimension is not contiguous (inner stride != 1). Never raises.
+    """
     reasons = []
     if _EXTENSION_PROBLEM is not None:
         reasons.append(_EXTENSION_PROBLEM)
@@ -50,6 +55,10 @@ def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "a
     """Run the C++ kernel; num_threads defaults to torch.get_num_threads(), isa to the best this CPU runs.
 
     out: optional float64 [num_seqs, NUM_STATS] CPU buffer, every entry of which is overwritten.
+
+    inputs: a validated BIReduceInputs on the CPU. Returns float64 [num_seqs, NUM_STATS] (`out` when given).
+    Raises RuntimeError when the extension is missing or stale, ValueError for an `out` of the wrong shape, dtype,
+    layout or device.
     """
     if _EXTENSION_PROBLEM is not None:
         raise RuntimeError(_EXTENSION_PROBLEM)
@@ -71,7 +80,11 @@ def run(inputs: BIReduceInputs, num_threads: Optional[int] = None, isa: str = "a
 
 
 def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_threads=None, isa="auto", out=None):
-    """bi_reduce forced onto the C++ kernel with an explicit thread count and ISA build (tests, benchmarks)."""
+    """bi_reduce forced onto the C++ kernel with an explicit thread count and ISA build (tests, benchmarks).
+
+    Same arguments and result as bi_reduce: float64 [num_seqs, NUM_STATS]. Example: bi_reduce_cpp(a, b, num_threads=1).
+    Raises BIReduceError for inputs validate refuses, RuntimeError listing why the C++ backend cannot run them.
+    """
     inputs = validate(x_in, x_out, mask, seq_index, num_seqs)
     reasons = not_supported_reasons(inputs)
     if reasons:
@@ -80,5 +93,10 @@ def bi_reduce_cpp(x_in, x_out, mask=None, seq_index=None, num_seqs=None, *, num_
 
 
 def available_isas() -> list:
+    """The instruction-set builds of the C++ kernel compiled into shortgpt_fast._C, as a list of str
+    (what `_C.bi_reduce_isas()` reports; values accepted by `isa=` in `run`/`bi_reduce_cpp`).
+
+    Returns [] when the extension is missing or stale, instead of raising.
+    """
     return list(_C.bi_reduce_isas()) if _EXTENSION_PROBLEM is None else []
 

@@ -66,6 +66,10 @@ def torch_backend(inputs: BIReduceInputs) -> torch.Tensor:
 
 
 def not_supported_reasons(inputs: BIReduceInputs) -> list:
+    """Why the plain-torch backend cannot run `inputs` (a BIReduceInputs): always [], it runs on any device.
+
+    It is the fallback at the end of the priority list, so it never refuses and never raises.
+    """
     return []
 
 

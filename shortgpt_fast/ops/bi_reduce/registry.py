@@ -18,6 +18,14 @@ from .contract import BACKEND_ENV, BIReduceError, BIReduceInputs
 
 @dataclass(frozen=True)
 class Backend:
+    """A loaded backend: its name, `run(inputs) -> float64 [num_seqs, NUM_STATS]` and
+    `not_supported_reasons(inputs) -> list[str]` (empty when it can run them).
+
+    auto_devices lists the device types ("cpu", "cuda") on which dispatch may pick it without being forced.
+    A backend whose module failed to import still exists: its reasons name the import error and its `run`
+    raises RuntimeError with that message.
+    """
+
     name: str
     run: Callable[[BIReduceInputs], torch.Tensor]
     not_supported_reasons: Callable[[BIReduceInputs], list]
@@ -28,6 +36,12 @@ class Backend:
 
 @dataclass(frozen=True)
 class BackendSpec:
+    """How to load a backend, declared as data: name, dotted module path (imported on first use) and auto_devices.
+
+    Example: BackendSpec("cpp", "shortgpt_fast.ops.bi_reduce.cpp", ("cpu", "cuda")). Building one raises nothing;
+    import errors surface later, from `backends()`, as a refusing Backend.
+    """
+
     name: str
     module: str
     auto_devices: tuple

@@ -191,6 +191,12 @@ if triton is not None:
 
 
 def not_supported_reasons(inputs: BIReduceInputs) -> list:
+    """Why the Triton backend cannot run `inputs` (a BIReduceInputs), as a list of one-line str; [] when it can.
+
+    [] for CUDA tensors. CPU tensors only under TRITON_INTERPRET=1 and when forced with SHORTGPT_FAST_BACKEND=triton
+    (the interpreter is far slower than the C++ kernel). When Triton could not be imported, the only reason is that
+    import problem. Never raises.
+    """
     if _TRITON_PROBLEM is not None:
         return [_TRITON_PROBLEM]
     device = inputs.x_in.device
@@ -207,7 +213,12 @@ def not_supported_reasons(inputs: BIReduceInputs) -> list:
 
 
 def run(inputs: BIReduceInputs, autotune: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch both stages. autotune defaults to True on a real GPU; out: optional float64 [num_seqs, NUM_STATS]."""
+    """Launch both stages. autotune defaults to True on a real GPU; out: optional float64 [num_seqs, NUM_STATS].
+
+    inputs: a validated BIReduceInputs (CUDA, or CPU when interpreted). Returns float64 [num_seqs, NUM_STATS].
+    Raises RuntimeError when Triton could not be imported, ValueError for an `out` that is not a contiguous float64
+    [num_seqs, NUM_STATS] tensor.
+    """
     if _TRITON_PROBLEM is not None:
         raise RuntimeError(_TRITON_PROBLEM)
     x_in, x_out = inputs.x_in, inputs.x_out
