@@ -24,20 +24,6 @@ def _int(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def int_at_least(low: int):
     def parse(text: str) -> int:
         value = _int(text)
@@ -49,8 +35,8 @@ def int_at_least(low: int):
     return parse
 
 
-def any_int(text: str) -> int:
-    return _int(text)
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def finite_float(text: str) -> float:
@@ -70,25 +56,11 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r:.60}")
-    return value
-
-
 def open_ratio(text: str) -> float:
     """A fraction strictly between 0 and 1 (removing none or all layers is never what a ratio means)."""
     value = finite_float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text!r:.60}")
-    return value
-
-
-def dropout(text: str) -> float:
-    value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r:.60}")
     return value
 
 
@@ -138,3 +110,7 @@ def ratio_or_zero(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r:.60}")
     return value
+
+
+# LoRA dropout is a probability that may be 0 but never 1: the same range as a comparison's ratio.
+dropout = ratio_or_zero
