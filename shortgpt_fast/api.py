@@ -14,8 +14,8 @@ from torch import nn
 
 from .data import calibration
 from .data.calibration import CalibrationSet
-from .errors import ShortGPTError, one_line
-from .models.loading import DEFAULT_MODEL, DTYPES, load_model
+from .errors import ShortGPTError
+from .models.loading import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer
 from .scoring.block_influence import collect_layer_stats
 from .scoring.report import Scores
 from .surgery.in_memory import prune_model
@@ -118,7 +118,7 @@ def score(
         from .scoring.streamed import collect_layer_stats_streamed
 
         if tokenizer is None and not isinstance(data, (torch.Tensor, CalibrationSet)):
-            tokenizer = _tokenizer_for(model)
+            tokenizer = load_tokenizer(model)
 
         def score_share(share):
             stats = collect_layer_stats_streamed(model, share, batch_size=batch_size, angular_span=angular_span,
@@ -153,17 +153,6 @@ def score(
         timings.update({f"streamed_{k}": v for k, v in streaming_info.items() if k.endswith("_s")})
         settings["activations"] = streaming_info.get("activations")
     return Scores(model=str(name), stats=stats, calibration=settings, seed=seed, timings=timings)
-
-
-def _tokenizer_for(model: str):
-    from transformers import AutoTokenizer
-
-    from .models.loading import ModelLoadError, resolve_model_path
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(model))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
 
 
 def prune(model: nn.Module, layers: Sequence[int], verify: bool = True) -> nn.Module:

@@ -143,7 +143,7 @@ def is_local_checkpoint(model: str) -> bool:
 
 def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_map=None):
     """Load MODEL for scoring: eval mode, no KV cache, the requested dtype and device."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -160,11 +160,17 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
     if device_map is None:
         net = net.to(device)
     net.eval()
+    return net, load_tokenizer(model), path
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of a checkpoint folder, alias or hub id, or ModelLoadError in one line."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(resolve_model_path(model))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
-    return net, tokenizer, path
 
 
 def _is_causal_lm(config) -> bool:

@@ -989,8 +989,8 @@ def _already_done(src: Path, layers) -> Optional[dict]:
     return record if requested == record["removed"] else None
 
 
-def _cut_in_place(src: Path, layers, verify: bool, copy_method: str,
-                  chosen_by: str = "manual") -> tuple[Optional[Plan], int, int, bool]:
+def _cut_in_place(src: Path, layers, verify: bool, copy_method: str, chosen_by: str = "manual",
+                  check: bool = True) -> tuple[Optional[Plan], int, int, bool]:
     """(plan, bytes copied, shards written, resumed); plan is None when the folder already holds this cut."""
     journal_path = src / JOURNAL_NAME
     resumed = os.path.lexists(journal_path)
@@ -1004,6 +1004,9 @@ def _cut_in_place(src: Path, layers, verify: bool, copy_method: str,
         if _already_done(src, layers) is not None:
             return None, 0, 0, False
         plan = build_plan(src, layers, chosen_by)
+        if check:
+            # Proven before the journal exists; a pending journal was proven when it was written.
+            check_structure(src, plan)
         _refuse_shared_files(src, plan)
         if copy_method == "auto":
             _plan_collapses(src, plan)
@@ -1090,10 +1093,7 @@ def cut_checkpoint(
     if in_place:
         if not src.is_dir():
             raise SurgeryError(f"{src} is not a directory; pass the checkpoint folder that holds config.json")
-        if check and not os.path.lexists(src / JOURNAL_NAME) and _already_done(src, layers) is None:
-            # A pending journal was proven when it was written; a fresh cut is proven before its journal exists.
-            check_structure(src, build_plan(src, layers, chosen_by))
-        plan, copied, written, resumed = _cut_in_place(src, layers, verify, copy_method, chosen_by)
+        plan, copied, written, resumed = _cut_in_place(src, layers, verify, copy_method, chosen_by, check)
         if plan is None:
             record = _already_done(src, layers)
             gone = set(record["removed"])

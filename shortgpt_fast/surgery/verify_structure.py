@@ -408,8 +408,7 @@ def _expected_tensors(skeleton) -> dict[str, tuple]:
 
 
 def verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors: Mapping[str, Sequence[int]],
-                              renames: Mapping[str, Optional[str]],
-                              layer_map: Optional[Mapping[int, int]] = None) -> None:
+                              renames: Mapping[str, Optional[str]], layer_map: Mapping[int, int]) -> None:
     """Refuse unless the cut checkpoint fits the pruned skeleton exactly as the original fits the original.
 
     old_tensors: original checkpoint name -> shape; renames: original name -> new name (None when removed).
@@ -436,12 +435,10 @@ def verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors: Mapping[s
     for name, expected, stored in before:
         if name in old_tensors:
             new_name = renames.get(name, name)
-        elif layer_map is not None:
+        else:
             # A name only the model uses (the checkpoint stores that layer under converted names, or not at all):
             # it follows its layer through the index map.
             new_name = _renamed_paths(name, stack_path, layer_map)
-        else:
-            new_name = _renamed_expected(name, renames)
         if new_name is not None:
             carried.add((new_name, expected, stored))
     new_only = after - carried
@@ -455,26 +452,6 @@ def verify_checkpoint_tensors(old_skeleton, new_skeleton, old_tensors: Mapping[s
             what = f"tensor '{name}' has shape {list(stored)} but the pruned model expects {list(expected)}"
         raise StructureMismatch(f"{what} ({len(new_only)} difference(s)); the cut would not load as the original "
                                 "minus the removed layers")
-
-
-def _renamed_expected(name: str, renames: Mapping[str, Optional[str]]) -> Optional[str]:
-    """New name of a tensor the original model expects but its checkpoint does not store (tied or derived)."""
-    from ..models.architectures import GENERIC_BLOCK_PATHS
-
-    parts = name.split(".")
-    for k in range(len(parts) - 1):
-        if parts[k + 1].isdigit() and ".".join(parts[:k + 1]) in GENERIC_BLOCK_PATHS:
-            prefix, old = ".".join(parts[:k + 1]), int(parts[k + 1])
-            # Find the new index of this layer from any stored tensor of the same layer.
-            stem = f"{prefix}.{old}."
-            for src, dst in renames.items():
-                if src.startswith(stem):
-                    if dst is None:
-                        return None
-                    new_index = dst[len(prefix) + 1:].split(".", 1)[0]
-                    return ".".join(parts[:k + 1] + [new_index] + parts[k + 2:])
-            return None
-    return name
 
 
 def verify_cut(old_config: Mapping, new_config: Mapping, removed: Sequence[int],
