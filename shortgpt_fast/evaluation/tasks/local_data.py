@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+# Absolute imports only: lm-eval loads this file by path as a top-level module (`!function local_data.…`), so it
+# has no parent package for a relative import to resolve against.
 from shortgpt_fast.data.jsonl import read_jsonl_rows
-
-from ...errors import ShortGPTError
+from shortgpt_fast.errors import ShortGPTError
 
 
 class TaskDataError(ShortGPTError):
