@@ -174,7 +174,7 @@ def heal(model: nn.Module, tokenizer, data: Optional[str] = None, steps: int = 1
     def measure(stage: str) -> dict:
         out = {"perplexity": _heldout_ppl(model, heldout_ids, ppl_window)}
         if tasks:
-            from .run import run_tasks
+            from .tasks import run_tasks
 
             out["tasks"] = run_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir)
         log(f"{stage}: held-out perplexity {out['perplexity']['ppl']:.3f}")

@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShortGPTError
+from . import EvaluationError
+from .data_dir import resolve_data_dir
 
-
-class EvaluationError(ShortGPTError):
-    pass
+# Perplexity texts by name, relative to the evaluation data folder.
+PPL_SOURCES = {"wikitext2": "wikitext-2/test.txt", "wikitext2-valid": "wikitext-2/valid.txt"}
 
 
 @torch.no_grad()
@@ -54,19 +54,21 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 512, stride: int = 
     return {"ppl": math.exp(nll), "nll": nll, "tokens": counted, "window": window, "stride": stride}
 
 
-def shared_data_dir() -> Optional[Path]:
-    """`../shared/data` beside the project (or $SHORTGPT_FAST_DATA): evaluation sets that are not shipped."""
-    import os
-
-    candidates = [os.environ.get("SHORTGPT_FAST_DATA"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[2].parent / "shared" / "data"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate).resolve()
-    return None
-
-
-def wikitext2_test_path() -> Optional[Path]:
-    root = shared_data_dir()
-    path = root / "wikitext-2" / "test.txt" if root else None
-    return path if path and path.exists() else None
+def perplexity_tokens(tokenizer, source: str, max_tokens: Optional[int], data_dir: Optional[str] = None):
+    """Token ids (1-D long tensor) of a perplexity text (a PPL_SOURCES name or a text file) and where it came from;
+    refuses a text file that does not exist."""
+    if source in PPL_SOURCES:
+        path = resolve_data_dir(data_dir) / PPL_SOURCES[source]
+    else:
+        path = Path(source).expanduser()
+    if not path.is_file():
+        raise EvaluationError(f"perplexity text {path} does not exist; use one of {sorted(PPL_SOURCES)} or a .txt file")
+    text = path.read_text(encoding="utf-8")
+    if max_tokens is not None:
+        # Tokenizing the whole 1.3 MB WikiText-2 test file costs more than a short evaluation; no tokenizer
+        # produces fewer than one token per 12 characters of English.
+        text = text[: max_tokens * 12]
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return ids, str(path)

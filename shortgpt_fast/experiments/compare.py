@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import cli_types as T
+from ..evaluation.evaluate import check_inputs_early, evaluate
 from ..evaluation.quantize import METHODS as QUANTIZE_METHODS
 from ..evaluation.quantize import format_order_table, quantization_order, quantize, require_backend
-from ..evaluation.run import add_evaluation_flags, check_inputs_early, evaluate, evaluate_kwargs_from_args
+from ..evaluation.run import add_evaluation_flags, evaluate_kwargs_from_args
 
 # Short method names used by the issue and the paper's baselines; the values are Scores metric names.
 METHOD_ALIASES = {"relmag": "relative_magnitude", "angular_last": "angular_last_token"}

@@ -13,8 +13,8 @@ pytest.importorskip("peft")
 from tiny_models import tiny_llama_real_vocab  # noqa: E402
 
 from shortgpt_fast.cli import main  # noqa: E402
+from shortgpt_fast.evaluation import EvaluationError  # noqa: E402
 from shortgpt_fast.evaluation.heal import heal, remove_checkpoints, save_healed  # noqa: E402
-from shortgpt_fast.evaluation.perplexity import EvaluationError  # noqa: E402
 
 # A short passage repeated: a few dozen LoRA steps can learn it, so the loss must fall if training works at all.
 PASSAGE = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the early morning "

@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_llama, tiny_llama_real_vocab
 
 from shortgpt_fast.cli import main
-from shortgpt_fast.evaluation.perplexity import EvaluationError
+from shortgpt_fast.evaluation import EvaluationError
 from shortgpt_fast.evaluation.quantize import (
     format_order_table,
     four_bit_modules,

@@ -11,8 +11,9 @@ import torch
 from tiny_models import random_ids, tiny_llama, tiny_llama_real_vocab
 
 from shortgpt_fast.cli import main
-from shortgpt_fast.evaluation import run
-from shortgpt_fast.evaluation.perplexity import EvaluationError, perplexity
+from shortgpt_fast.evaluation import EvaluationError, generation, tasks, throughput
+from shortgpt_fast.evaluation.data_dir import resolve_data_dir
+from shortgpt_fast.evaluation.perplexity import perplexity, perplexity_tokens
 from shortgpt_fast.evaluation.tasks import local_data
 from shortgpt_fast.surgery.in_memory import prune_model
 
@@ -22,7 +23,7 @@ LIMIT = 20
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
     try:
-        return run.resolve_data_dir()
+        return resolve_data_dir()
     except EvaluationError as err:
         pytest.skip(f"evaluation data not available here ({err})")
 
@@ -63,7 +64,7 @@ def test_sliding_window_scores_every_token_once_with_context():
 @pytest.mark.slow
 def test_broken_model_has_clearly_worse_perplexity(smollm2, data_dir):
     model, tok = smollm2
-    ids, source = run.perplexity_tokens(tok, "wikitext2", 256, str(data_dir))
+    ids, source = perplexity_tokens(tok, "wikitext2", 256, str(data_dir))
     assert source.endswith("wikitext-2/test.txt") and ids.numel() == 256
     dense = perplexity(model, ids, window=256, stride=256)["ppl"]
     broken = prune_model(copy.deepcopy(model), list(range(5, 25)))  # 20 of 30 layers
@@ -76,11 +77,11 @@ def test_broken_model_has_clearly_worse_perplexity(smollm2, data_dir):
 def test_task_yamls_parse_and_read_the_local_files(data_dir):
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(run.TASKS_DIR), include_defaults=False,
+    manager = TaskManager(include_path=str(tasks.TASKS_DIR), include_defaults=False,
                           metadata={"data_dir": str(data_dir)})
     assert {"piqa_local", "arc_easy_local"} <= set(manager.all_tasks)
-    tasks = manager.load(["piqa_local", "arc_easy_local"])["tasks"]
-    piqa, arc = tasks["piqa_local"], tasks["arc_easy_local"]
+    loaded = manager.load(["piqa_local", "arc_easy_local"])["tasks"]
+    piqa, arc = loaded["piqa_local"], loaded["arc_easy_local"]
     assert len(piqa.validation_docs()) == 1838 and len(arc.test_docs()) == 2376
     first_label = int((data_dir / "piqa" / "valid-labels.lst").read_text().split()[0])
     doc = piqa.validation_docs()[0]
@@ -96,7 +97,7 @@ def task_results(smollm2, data_dir):
     with pytest.MonkeyPatch.context() as offline:
         offline.setenv("HF_HUB_OFFLINE", "1")
         offline.setenv("HF_DATASETS_OFFLINE", "1")
-        return run.run_tasks(model, tok, ["piqa", "arc_easy"], limit=LIMIT, batch_size=8, data_dir=str(data_dir),
+        return tasks.run_tasks(model, tok, ["piqa", "arc_easy"], limit=LIMIT, batch_size=8, data_dir=str(data_dir),
                              log_samples=True)
 
 
@@ -155,13 +156,13 @@ def test_piqa_labels_must_match_the_questions(tmp_path, data_dir):
 
 def test_unknown_task_is_a_clear_error(data_dir):
     with pytest.raises(EvaluationError, match="unknown task 'no_such_task'"):
-        run._task_specs(["piqa", "no_such_task"], str(data_dir))
+        tasks.task_specs(["piqa", "no_such_task"], str(data_dir))
 
 
 # ---- throughput and generation ----------------------------------------------------------------------------------
 def test_throughput_medians_are_positive():
     model = tiny_llama()
-    result = run.measure_throughput(model, batches=(1, 3), seq_len=16, new_tokens=4, repeats=3, warmup=1)
+    result = throughput.measure_throughput(model, batches=(1, 3), seq_len=16, new_tokens=4, repeats=3, warmup=1)
     for phase in ("prefill", "decode"):
         for batch in ("1", "3"):
             row = result[phase][batch]
@@ -171,23 +172,23 @@ def test_throughput_medians_are_positive():
 def test_ideal_speed_up_follows_the_removed_blocks():
     dense = tiny_llama(num_layers=6)
     pruned = prune_model(copy.deepcopy(dense), [1, 2, 3])
-    ratio = run.forward_flops_per_token(dense, 64) / run.forward_flops_per_token(pruned, 64)
+    ratio = throughput.forward_flops_per_token(dense, 64) / throughput.forward_flops_per_token(pruned, 64)
     # Half the blocks go but the lm_head stays, so the ideal speed-up is above 1 and below 2.
     assert 1.0 < ratio < 2.0
 
 
 def test_degeneration_measures_on_a_loop():
-    measures = run.degeneration([1, 2, 3, 1, 2, 3, 1, 2, 3])
+    measures = generation.degeneration([1, 2, 3, 1, 2, 3, 1, 2, 3])
     assert measures["distinct_1"] == pytest.approx(3 / 9)
     assert measures["distinct_2"] == pytest.approx(3 / 8)
     assert measures["repeated_4gram_fraction"] == pytest.approx(3 / 6)
-    assert run.degeneration(list(range(10)))["repeated_4gram_fraction"] == 0.0
+    assert generation.degeneration(list(range(10)))["repeated_4gram_fraction"] == 0.0
 
 
 def test_generation_is_deterministic(tokenizer):
     model = tiny_llama_real_vocab(tokenizer)
-    first = run.generate_samples(model, tokenizer, prompts=run.GENERATION_PROMPTS[:2], max_new_tokens=6)
-    second = run.generate_samples(model, tokenizer, prompts=run.GENERATION_PROMPTS[:2], max_new_tokens=6)
+    first = generation.generate_samples(model, tokenizer, prompts=generation.GENERATION_PROMPTS[:2], max_new_tokens=6)
+    second = generation.generate_samples(model, tokenizer, prompts=generation.GENERATION_PROMPTS[:2], max_new_tokens=6)
     assert first == second
     assert all(len(s["token_ids"]) == 6 for s in first["samples"])
 
@@ -211,7 +212,7 @@ def test_eval_cli_compares_original_and_pruned(tokenizer, tmp_path, capsys, ppl_
     results = json.loads(out.read_text())
     assert results["original"]["layers"] == 6 and results["pruned"]["layers"] == 3
     assert results["original"]["perplexity"]["tokens"] == 95
-    assert len(results["pruned"]["generate"]["samples"]) == len(run.GENERATION_PROMPTS)
+    assert len(results["pruned"]["generate"]["samples"]) == len(generation.GENERATION_PROMPTS)
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
