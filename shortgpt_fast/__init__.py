@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "api", "calibration_set": "api", "score": "api", "prune": "api", "cut": "api", "prune_to_dir": "api",
     "Scores": "scoring.report", "CalibrationSet": "data.calibration", "bi_reduce": "ops.bi_reduce",
-    "ShortGPTError": "errors",
+    "ShortGPTError": "errors", "register_metric": "scoring.metrics",
 }
 __all__ = ["__version__", *_EXPORTS]
 

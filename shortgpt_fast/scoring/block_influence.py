@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from ..data.calibration import CalibrationSet
 from ..errors import ShortGPTError
 from ..models.architectures import find_block_stack
 from ..ops.bi_reduce import NUM_STATS, Stat, bi_reduce
+from .metrics import per_sequence_sums, resolve_metrics
+
+AngularSpan = Union[int, str]  # a largest span n, or "all" for every span 1..num_layers (the full span map)
 
 
 class ScoringError(ShortGPTError):
@@ -43,6 +46,8 @@ class LayerStats:
     span_angular: dict  # n -> float64 [num_layers - n + 1, num_sequences]: last-token angular distance ℓ -> ℓ+n
     block_path: str
     seconds: float
+    # user metric name -> float64 [num_layers, num_sequences] sums over real tokens (scoring/metrics.py)
+    metric_sums: dict = field(default_factory=dict)
 
 
 def _block_io(args, kwargs, output):
@@ -147,18 +152,35 @@ def token_states(hidden: torch.Tensor, batch: int, seq_len: int, layer: int) -> 
         "undefined; ShortGPT scoring does not support it")
 
 
+def span_limit(angular_span: AngularSpan, num_layers: int) -> int:
+    """The largest span n the accumulator keeps distances for: "all" -> num_layers, an int n -> min(n, num_layers).
+
+    Raises ScoringError for anything else (a negative int, another string).
+    """
+    if angular_span == "all":
+        return num_layers
+    if isinstance(angular_span, bool) or not isinstance(angular_span, int) or angular_span < 0:
+        raise ScoringError(f"--angular-span must be a non-negative integer or 'all', got {angular_span!r}")
+    return min(angular_span, num_layers)
+
+
 class LayerAccumulator:
     """Per-sequence metric sums on the device; in-memory and streamed scoring both feed blocks through `add`.
 
     Sharing this is what makes the two paths give the same numbers: same reduction, same slots, same span states.
+    `metrics` names registered user metrics (scoring/metrics.py), reduced per sequence beside the built-in ones.
     """
 
-    def __init__(self, num_layers: int, num_seqs: int, angular_span: int, device):
+    def __init__(self, num_layers: int, num_seqs: int, angular_span: AngularSpan, device,
+                 metrics: Sequence[str] = ()):
         self.num_layers = num_layers
         self.num_seqs = num_seqs
         self.device = device
         self.acc = torch.zeros(num_layers, num_seqs, NUM_STATS, dtype=torch.float64, device=device)
-        self.max_span = max(0, min(angular_span, num_layers))
+        self.user_metrics = resolve_metrics(metrics)
+        self.metric_sums = {m.name: torch.zeros(num_layers, num_seqs, dtype=torch.float64, device=device)
+                            for m in self.user_metrics}
+        self.max_span = span_limit(angular_span, num_layers)
         # Last-token states at every layer boundary, for the Gromov et al. distance between layer ℓ and ℓ+n.
         # Allocated on the first block, when the hidden size is known from the activations themselves.
         self.boundary: Optional[torch.Tensor] = None
@@ -177,6 +199,9 @@ class LayerAccumulator:
         flat_out = hidden_out.reshape(batch * tokens, hidden)
         sums = bi_reduce(flat_in, flat_out, layout.mask, layout.seq_index, batch)
         self.acc[layer, rows] = sums.to(self.device)
+        for metric in self.user_metrics:
+            self.metric_sums[metric.name][layer, rows] = per_sequence_sums(
+                metric, flat_in, flat_out, layout.mask, batch, layer).to(self.device)
         if self.max_span == 0:
             return
         if self.boundary is None:
@@ -195,6 +220,11 @@ class LayerAccumulator:
         per_row = layout.mask.reshape(layout.batch, -1).sum(dim=1).to(self.acc.device, torch.float64)
         self.acc[layer, layout.rows.to(self.device)] = 0
         self.acc[layer, layout.rows.to(self.device), Stat.TOKENS] = per_row
+        # What a user metric says about an identity block is the metric's business, and the states to ask it with are
+        # not kept here; refusing beats guessing 0.
+        if self.user_metrics:
+            raise ScoringError(f"layer {layer} was skipped by the forward pass, and user metrics "
+                               f"{[m.name for m in self.user_metrics]} need its input and output; score without them")
         if self.boundary is not None:
             rows = layout.rows.to(self.device)
             self.boundary[layer + 1, rows] = self.boundary[layer, rows]
@@ -210,10 +240,16 @@ class LayerAccumulator:
                 ])
         acc = self.acc.cpu()  # the one host sync of scoring
         span = {n: v.cpu() for n, v in span.items()}
+        metric_sums = {name: v.cpu() for name, v in self.metric_sums.items()}
         _raise_on_non_finite(acc)
+        for name, sums in metric_sums.items():
+            finite = torch.isfinite(sums).all(dim=1)
+            if not bool(finite.all()):
+                raise ScoringError(f"user metric {name!r} gave NaN or inf on a real token of layer "
+                                   f"{int((~finite).nonzero()[0, 0])}; fix the metric function")
         if float(acc[0, :, Stat.TOKENS].sum()) == 0:
             raise ScoringError("no calibration token was unmasked; check the attention mask")
-        return LayerStats(acc, span, block_path, time.perf_counter() - started)
+        return LayerStats(acc, span, block_path, time.perf_counter() - started, metric_sums)
 
 
 @torch.no_grad()
@@ -221,10 +257,15 @@ def collect_layer_stats(
     model: nn.Module,
     calib: CalibrationSet,
     batch_size: int = 8,
-    angular_span: int = 8,
+    angular_span: AngularSpan = 8,
     progress: bool = True,
+    metrics: Sequence[str] = (),
 ) -> LayerStats:
-    """Run the calibration set through `model` and return per-layer, per-sequence metric sums."""
+    """Run the calibration set through `model` and return per-layer, per-sequence metric sums.
+
+    angular_span: the largest n of the ℓ -> ℓ+n distances, or "all" for the full span map; metrics: registered user
+    metric names (scoring/metrics.py) reduced beside the built-in ones.
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -234,7 +275,7 @@ def collect_layer_stats(
     num_layers = len(blocks)
     device = next(model.parameters()).device
     num_seqs = calib.num_sequences
-    accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
+    accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device, metrics)
     needs_positions = bool((calib.attention_mask == 0).any())
 
     state: dict = {"check_repeats": True}

@@ -114,9 +114,10 @@ def gather_layer_stats(local: LayerStats, num_sequences: int, device="cpu") -> L
     comm_device = device if dist.get_backend() == "nccl" else "cpu"
     per_sequence = _all_gather_sequences(local.per_sequence, counts, 1, comm_device)
     span = {n: _all_gather_sequences(values, counts, 1, comm_device) for n, values in sorted(local.span_angular.items())}
+    metric_sums = {name: _all_gather_sequences(sums, counts, 1, comm_device) for name, sums in local.metric_sums.items()}
     seconds = torch.tensor([local.seconds], dtype=torch.float64, device=comm_device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return LayerStats(per_sequence, span, local.block_path, float(seconds.item()))
+    return LayerStats(per_sequence, span, local.block_path, float(seconds.item()), metric_sums)
 
 
 def scored_in_shares(calib: CalibrationSet, score_share, device: Optional[str] = None) -> LayerStats:

@@ -95,14 +95,27 @@ class Scores:
         has_tokens = (per_seq[:, :, Stat.TOKENS] > 0).to(torch.float64)
         return ((per_seq[:, :, Stat.LAST_ANGULAR] * has_tokens).sum(dim=1) / has_tokens.sum(dim=1)).numpy()
 
+    @property
+    def user_metrics(self) -> list[str]:
+        """Names of the user metrics (scoring/metrics.py) these scores were computed with, in scoring order."""
+        return list(self.stats.metric_sums)
+
     def metric(self, name: str) -> np.ndarray:
         """The per-layer values of a score metric by name, float64 ndarray [num_layers]. Example: scores.metric("bi").
 
-        Raises SelectionError for a name outside SCORE_METRICS (baselines such as "random" have rankings, not values).
+        User metrics computed at scoring time are token-weighted means of their per-token values, like `bi`.
+        Raises SelectionError for a name outside SCORE_METRICS and the user metrics scored (baselines such as
+        "random" have rankings, not values).
         """
+        if name in self.stats.metric_sums:
+            return self._sums_per_token(self.stats.metric_sums[name])
         if name not in SCORE_METRICS:
-            raise SelectionError(f"unknown score metric {name!r}; choose one of {SCORE_METRICS}")
+            raise SelectionError(f"unknown score metric {name!r}; choose one of {SCORE_METRICS + tuple(self.user_metrics)}"
+                                 " (user metrics must be named at scoring time: score(..., metrics=[...]))")
         return getattr(self, name)
+
+    def _sums_per_token(self, sums: torch.Tensor) -> np.ndarray:
+        return (sums.sum(dim=1) / self.stats.per_sequence[:, :, Stat.TOKENS].sum(dim=1)).numpy()
 
     def angular_span(self, n: int) -> np.ndarray:
         """Last-token angular distance from layer ℓ to ℓ + n, averaged over sequences:
@@ -116,18 +129,68 @@ class Scores:
                 "rescore with a larger --angular-span")
         return self.stats.span_angular[n].mean(dim=1).numpy()
 
+    @property
+    def has_span_map(self) -> bool:
+        """True when every span 1..num_layers was scored (angular_span="all"), so `span_map()` is complete."""
+        return len(self.stats.span_angular) == self.num_layers and self.num_layers > 0
+
+    def span_map(self) -> np.ndarray:
+        """Angular distance for every (span, start): float64 ndarray [num_layers, num_layers], row n-1 = span n,
+        column = start layer (0-based); entry [n-1, s] is the distance from the input of layer s to the output of
+        layer s+n-1, i.e. what removing layers s..s+n-1 (inclusive) skips. NaN where s + n > num_layers.
+
+        Raises SelectionError unless scoring kept every span (angular_span="all").
+        """
+        if not self.has_span_map:
+            raise SelectionError("the full span map needs every span; rescore with --angular-span all")
+        grid = np.full((self.num_layers, self.num_layers), np.nan)
+        for n in range(1, self.num_layers + 1):
+            grid[n - 1, : self.num_layers - n + 1] = self.angular_span(n)
+        return grid
+
+    def span_map_dict(self) -> dict:
+        """The span map as JSON-ready dict: values [span n][start] (null past the last layer) and, per n < num_layers,
+        the best block as its 0-based removed layers, the same choice as select("angular_span", n).
+        """
+        grid = self.span_map()
+        return {
+            "rows": "span n = 1..num_layers (layers removed)",
+            "columns": "start layer, 0-based; entry removes layers start..start+n-1 inclusive",
+            "values": [[None if np.isnan(v) else float(v) for v in row] for row in grid],
+            "best": {str(n): self.select(SPAN_METRIC, n) for n in range(1, self.num_layers)},
+        }
+
     # ---- bootstrap ---------------------------------------------------------------------------------------------
+    def _resample_counts(self) -> np.ndarray:
+        # The same seeded resamples for every metric, so their CIs describe the same draws of sequences.
+        num_seqs = self.stats.per_sequence.shape[1]
+        rng = np.random.default_rng(self.seed)
+        return rng.multinomial(num_seqs, np.full(num_seqs, 1.0 / num_seqs), size=BOOTSTRAP_RESAMPLES)
+
+    def _bootstrap_of(self, sums: np.ndarray) -> np.ndarray:
+        counts = self._resample_counts()
+        tokens = counts @ self.stats.per_sequence[:, :, Stat.TOKENS].numpy().T
+        return (counts @ sums.T) / np.maximum(tokens, 1)
+
     def bootstrap_bi(self) -> np.ndarray:
         """BI of every layer under BOOTSTRAP_RESAMPLES resamples of whole sequences: [resamples, layers]."""
         if self._bootstrap is None:
-            per_seq = self.stats.per_sequence.numpy()
-            num_seqs = per_seq.shape[1]
-            rng = np.random.default_rng(self.seed)
-            counts = rng.multinomial(num_seqs, np.full(num_seqs, 1.0 / num_seqs), size=BOOTSTRAP_RESAMPLES)
-            sums = counts @ per_seq[:, :, Stat.SUM_ONE_MINUS_COS].T
-            tokens = counts @ per_seq[:, :, Stat.TOKENS].T
-            self._bootstrap = sums / np.maximum(tokens, 1)
+            self._bootstrap = self._bootstrap_of(self.stats.per_sequence[:, :, Stat.SUM_ONE_MINUS_COS].numpy())
         return self._bootstrap
+
+    def ci95(self, name: str) -> np.ndarray:
+        """Bootstrap 95% CI of a metric's per-layer value: float64 ndarray [num_layers, 2], for "bi" and the user
+        metrics scored (the same seeded resamples of whole sequences as `bi_ci95`).
+
+        Raises SelectionError for any other name (the other built-in metrics keep no CI).
+        """
+        if name == "bi":
+            return self.bi_ci95()
+        if name not in self.stats.metric_sums:
+            raise SelectionError(f"no confidence interval for {name!r}; CIs exist for 'bi' and the user metrics "
+                                 f"scored {self.user_metrics}")
+        boot = self._bootstrap_of(self.stats.metric_sums[name].numpy())
+        return np.percentile(boot, [2.5, 97.5], axis=0).T
 
     def bi_ci95(self) -> np.ndarray:
         """Bootstrap 95% confidence interval of each layer's BI: float64 ndarray [num_layers, 2] of (2.5th, 97.5th)
@@ -149,7 +212,7 @@ class Scores:
     def ranking(self, metric: str) -> list[int]:
         """Layer indices, least important first."""
         n = self.num_layers
-        if metric in SCORE_METRICS:
+        if metric in SCORE_METRICS or metric in self.stats.metric_sums:
             return [int(i) for i in np.argsort(self.metric(metric), kind="stable")]
         if metric == "reverse":
             return list(range(n - 1, -1, -1))
@@ -158,7 +221,7 @@ class Scores:
         if metric == "last":
             # The deepest layers except the final one, which the paper shows is the most harmful to remove.
             return list(range(n - 2, -1, -1)) + [n - 1]
-        raise SelectionError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        raise SelectionError(f"unknown metric {metric!r}; choose one of {METRICS + tuple(self.user_metrics)}")
 
     def select(self, metric: str, n_remove: int) -> list[int]:
         """The `n_remove` layers `metric` removes, as a sorted list[int]. Example: scores.select("bi", 8) on 32 layers.
@@ -184,6 +247,11 @@ class Scores:
             "angular_last_token": float(ang_last[i]),
             "relative_magnitude": float(rel[i]),
         } for i in range(self.num_layers)]
+        for name in self.user_metrics:
+            values, user_ci = self.metric(name), self.ci95(name)
+            for i, layer in enumerate(layers):
+                layer[name] = float(values[i])
+                layer[f"{name}_ci95"] = [float(user_ci[i, 0]), float(user_ci[i, 1])]
         default_n = max(1, layers_for_ratio(self.num_layers, DEFAULT_RATIO)) if self.num_layers > 1 else 0
         report = {
             "model": self.model,
@@ -192,7 +260,7 @@ class Scores:
             "calibration": self.calibration,
             "block_path": self.stats.block_path,
             "layers": layers,
-            "ranking": {m: self.ranking(m) for m in SCORE_METRICS + BASELINE_METRICS},
+            "ranking": {m: self.ranking(m) for m in SCORE_METRICS + tuple(self.user_metrics) + BASELINE_METRICS},
             "angular_span": {str(n): [float(v) for v in self.angular_span(n)] for n in sorted(self.stats.span_angular)},
             "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "unit": "sequence", "seed": self.seed},
             "rank_stability": self.rank_stability(len(self.removed) if self.removed else default_n)
@@ -200,6 +268,14 @@ class Scores:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "versions": _versions(),
         }
+        if self.user_metrics:
+            from .metrics import registered_metrics
+
+            known = registered_metrics()
+            report["user_metrics"] = {name: known[name].description if name in known else ""
+                                      for name in self.user_metrics}
+        if self.has_span_map:
+            report["span_map"] = self.span_map_dict()
         if self.removed is not None:
             report["removed"] = list(self.removed)
             report["removal_metric"] = self.removal_metric
