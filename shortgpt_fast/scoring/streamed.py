@@ -1,26 +1,33 @@
-"""Streamed scoring: one block in memory at a time, for models larger than the device or the host.
+"""Streamed scoring: one block in memory at a time, or one part of a block, for models larger than the device.
 
 Scoring needs only the unpruned model's block inputs and outputs, so the forward pass can be cut at block
 boundaries. The skeleton is built on the meta device; only what runs before block 0 (embeddings, rotary tables) is
 materialised. One forward pass of that skeleton records the exact call every block receives: each block's `forward`
 is temporarily replaced by a recorder, so per-layer inputs such as Qwen3's or Gemma2's sliding-window masks are
-captured too, not only block 0's (replaying them reproduces every layer output exactly). A recorder returns what a real block returns (a tensor, or a tuple led by
-the hidden state, as Falcon's and RWKV's blocks do), learnt by running block 0 once first. Then, block by block: load
-its tensors from the safetensors shards through transformers' weight conversion mapping (MoE experts are stored one
-tensor per expert and fused on load), replay every recorded call through it, feed the shared `LayerAccumulator`, and
-drop it. The next block loads in a background thread meanwhile, so disk reads overlap compute.
+captured too, not only block 0's (replaying them reproduces every layer output exactly). A recorder returns what a
+real block returns (a tensor, or a tuple led by the hidden state, as Falcon's and RWKV's blocks do), learnt by
+running block 0 once first. Then, block by block: load its tensors (scoring/weights.py: transformers' weight
+conversion mapping, quantized weights dequantized as they load), replay every recorded call through it, feed the
+shared `LayerAccumulator`, and drop it. The next part loads in a background thread meanwhile, so reads overlap
+compute.
+
+A block larger than half the memory budget is run in parts, the way transformers' expert parallelism splits a MoE
+layer over ranks, only one "rank" after the other: the block less its routed experts runs up to the experts call,
+which records the routed tokens; then the experts load in contiguous groups that fit, each group's output (its
+experts applied to the tokens routed to them, other experts masked as expert-parallel sentinels) is summed into the
+experts' output; then the block runs again with that output in place of the experts call. Summing per group adds the
+same products in another order than transformers' single pass (group sums first), so BI agrees to rounding, not bit
+for bit (tests/scoring/test_streamed_giant.py bounds it at 1e-5 relative).
 """
 from __future__ import annotations
 
-import os
+import inspect
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -30,142 +37,31 @@ from ..errors import one_line
 from ..io import safetensors as st
 from ..models.architectures import find_block_stack
 from ..models.loading import DTYPES, ModelLoadError, resolve_model_path
+from . import hardware
+from .activations import ActivationStore, choose_activation_tier
 from .block_influence import LayerAccumulator, LayerStats, ScoringError, _forward_kwargs, batch_layout
+from .dequantize import dequantizer_for
+from .hardware import AUTO_STREAM_FRACTION, available_memory_bytes
+from .weights import (
+    CheckpointShards,
+    SafetensorsSource,
+    StreamedWeights,
+    StreamingError,
+    _checked,
+    experts_modules,
+    materialise,
+    skeleton,
+)
 
-# Fraction of free memory that activations may take; the rest is for two blocks in flight and the kernels' scratch.
-ACTIVATION_MEMORY_FRACTION = 0.5
-# Streaming is chosen automatically when the model would take more than this fraction of the free memory.
-AUTO_STREAM_FRACTION = 0.8
-
-
-class StreamingError(ScoringError):
-    """Streamed scoring refused or failed: a damaged checkpoint header or index, or an activation spill file that
-    returned too few bytes. A ScoringError, so callers that catch scoring errors catch it too.
-    """
-
-    pass
+__all__ = ["StreamingError", "StreamedLayerStats", "CheckpointShards", "collect_layer_stats_streamed",
+           "streaming_decision", "available_memory_bytes"]
 
 
 @dataclass
 class StreamedLayerStats(LayerStats):
-    """LayerStats plus how the streamed run kept its activations and where its time went."""
+    """LayerStats plus how the streamed run kept its activations, which compute path ran, and where its time went."""
 
     streaming: dict = field(default_factory=dict)
-
-
-# ---- checkpoint access -----------------------------------------------------------------------------------------
-
-def _checked(read, path: Path):
-    """`read(path)` with a malformed header or index (shortgpt_fast.io.safetensors) reported as a StreamingError."""
-    try:
-        return read(path)
-    except st.SafetensorsError as err:
-        hint = "" if "re-save" in str(err) else "; re-download or re-save the checkpoint"
-        raise StreamingError(f"{err}{hint}") from None
-
-
-class CheckpointShards:
-    """Tensor name -> shard file of a safetensors checkpoint folder, read lazily through mmap (safe_open)."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        weight_map = _checked(st.read_weight_map, self.folder)
-        if weight_map is None:
-            raise StreamingError(f"{folder} holds no safetensors weights (model.safetensors or its index); streamed "
-                                 "scoring reads only safetensors checkpoints")
-        self.weight_map = weight_map
-
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
-    def total_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
-        """Bytes of every tensor, as stored or, given `dtype`, after casting floating tensors to it."""
-        total = 0
-        for shard in sorted(set(self.weight_map.values())):
-            # The reader refuses an unknown dtype by name: guessing its size would misjudge what fits in memory.
-            for _name, stored_dtype, shape, begin, end in _checked(st.read_header, self.folder / shard)["tensors"]:
-                if dtype is not None and stored_dtype in st.FLOAT_DTYPES:
-                    count = 1
-                    for dim in shape:
-                        count *= dim
-                    total += count * torch.empty(0, dtype=dtype).element_size()
-                else:
-                    total += end - begin
-        return total
-
-    def load(self, wanted: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-        """Read checkpoint tensors `wanted` (name -> template giving the dtype) straight onto `device`."""
-        from safetensors import safe_open
-
-        by_shard: dict[str, list[str]] = {}
-        for name in wanted:
-            if name not in self.weight_map:
-                raise StreamingError(f"tensor {name} is not in the checkpoint {self.folder}; it may need a newer "
-                                     "transformers or a family entry in shortgpt_fast/models/architectures.py")
-            by_shard.setdefault(self.weight_map[name], []).append(name)
-        loaded = {}
-        # safe_open on a CUDA device copies each tensor straight from the mmap to the GPU.
-        open_device = str(device) if torch.device(device).type == "cuda" else "cpu"
-        for shard, names in by_shard.items():
-            path = self.folder / shard
-            # Opened per block, not kept open: touched mmap pages count as resident until the file is unmapped.
-            try:
-                handle = safe_open(str(path), framework="pt", device=open_device)
-            except Exception as err:  # safetensors raises its own error types for every kind of damage
-                raise StreamingError(self._damage_message(path, names[0], err)) from None
-            with handle as fh:
-                for name in names:
-                    try:
-                        tensor = fh.get_tensor(name)
-                    except Exception as err:
-                        raise StreamingError(self._damage_message(path, name, err)) from None
-                    if tensor.is_floating_point():
-                        if not bool(torch.isfinite(tensor).all()):
-                            raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
-                                                 "re-download or re-save the checkpoint")
-                        tensor = tensor.to(wanted[name].dtype)
-                    tensor = tensor.to(device)
-                    if tensor.device.type == "cpu":
-                        # Own the bytes: a view into the shard's mmap would pin every page this shard map touched
-                        # (RSS grew by a third of a block per block until the end of the pass).
-                        tensor = tensor.clone()
-                    loaded[name] = tensor
-        return loaded
-
-    def _damage_message(self, path: Path, name: str, err: Exception) -> str:
-        """Name the tensor that lies where the file is damaged, which is not always the one being read."""
-        try:
-            st.read_header(path)
-        except (st.SafetensorsError, OSError) as damage:
-            # The header reader names the tensor a truncation falls in (the first one in data order it cuts).
-            return f"{one_line(damage)}; re-download or re-save the checkpoint"
-        reason = one_line(err)
-        return (f"shard {path.name} is corrupt or truncated at tensor {name} ({reason}); re-download or re-save "
-                "the checkpoint")
-
-
-# ---- memory estimates ------------------------------------------------------------------------------------------
-
-def available_memory_bytes(device) -> int:
-    """Free memory in bytes (int) where `device` (str or torch.device) would hold tensors.
-
-    cuda: the free memory torch.cuda.mem_get_info reports for that GPU. Otherwise: MemAvailable from /proc/meminfo,
-    or psutil's available memory where /proc is missing. Example: available_memory_bytes("cpu").
-    Raises ImportError when neither /proc/meminfo nor psutil is available, RuntimeError for an invalid device.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil  # only where /proc is missing
-
-    return int(psutil.virtual_memory().available)
 
 
 def streaming_decision(model: str, dtype: str, device) -> tuple[bool, str]:
@@ -178,7 +74,7 @@ def streaming_decision(model: str, dtype: str, device) -> tuple[bool, str]:
     if _checked(st.read_weight_map, Path(folder)) is None:
         return False, f"{model} has no safetensors weights to stream; loading it whole"
     # A damaged header or an unknown dtype is refused here, in one line, rather than guessed at or loaded whole.
-    need = CheckpointShards(folder).total_bytes(DTYPES[dtype])
+    need = SafetensorsSource(folder).total_bytes(DTYPES[dtype])
     have = available_memory_bytes(device)
     stream = need > AUTO_STREAM_FRACTION * have
     verdict = "scoring streamed, one block at a time" if stream else "loading it whole"
@@ -186,211 +82,7 @@ def streaming_decision(model: str, dtype: str, device) -> tuple[bool, str]:
                     f"{verdict}")
 
 
-# ---- activations -------------------------------------------------------------------------------------------------
-
-class ActivationStore:
-    """Hidden states of every calibration batch between two blocks: on the device, in (pinned) host memory, or in a
-    temporary file when neither can hold them."""
-
-    def __init__(self, tier: str, device):
-        self.tier = tier
-        self.device = torch.device(device)
-        self._held: dict[int, torch.Tensor] = {}
-        self._file = None
-        self._slots: dict[int, tuple[int, torch.Size, torch.dtype]] = {}
-        self._end = 0
-        if tier == "disk":
-            self._file = tempfile.TemporaryFile(prefix="shortgpt-fast-activations-")
-
-    def put(self, batch: int, hidden: torch.Tensor) -> None:
-        if self.tier == "device":
-            self._held[batch] = hidden
-        elif self.tier == "host":
-            host = self._held.get(batch)
-            if host is None or host.shape != hidden.shape or host.dtype != hidden.dtype:
-                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self.device.type == "cuda")
-                self._held[batch] = host
-            host.copy_(hidden)
-        else:
-            data = hidden.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
-            if batch not in self._slots:
-                self._slots[batch] = (self._end, hidden.shape, hidden.dtype)
-                self._end += data.nbytes
-            offset = self._slots[batch][0]
-            os.pwrite(self._file.fileno(), data, offset)
-
-    def get(self, batch: int) -> torch.Tensor:
-        if self.tier == "device":
-            return self._held[batch]
-        if self.tier == "host":
-            return self._held[batch].to(self.device, non_blocking=True)
-        offset, shape, dtype = self._slots[batch]
-        out = torch.empty(shape, dtype=dtype)
-        view = out.view(torch.uint8).reshape(-1).numpy()
-        read = os.preadv(self._file.fileno(), [view], offset)
-        if read != view.nbytes:
-            raise StreamingError(f"the activation spill file returned {read} of {view.nbytes} bytes; is the "
-                                 "temporary folder full?")
-        return out.to(self.device)
-
-    def close(self) -> None:
-        self._held.clear()
-        if self._file is not None:
-            self._file.close()
-
-
-def choose_activation_tier(needed: int, device, budget: Optional[int]) -> tuple[str, str]:
-    """Where the streamed pass keeps `needed` bytes of activations: ("device" | "host" | "disk", note).
-
-    budget: bytes allowed on `device`, or None for ACTIVATION_MEMORY_FRACTION of its free memory. "device" when they
-    fit (note ""); on CUDA, "host" (pinned memory) when they fit in that fraction of free host memory; else "disk"
-    (a temporary file). The note says why for the user. Never refuses: the disk tier is the last resort.
-    Example: choose_activation_tier(1 << 20, "cpu", None) == ("device", "") on a machine with a few MB free.
-    """
-    device = torch.device(device)
-    device_budget = budget if budget is not None else int(ACTIVATION_MEMORY_FRACTION * available_memory_bytes(device))
-    if needed <= device_budget:
-        return "device", ""
-    if device.type == "cuda":
-        host_budget = int(ACTIVATION_MEMORY_FRACTION * available_memory_bytes("cpu"))
-        if needed <= host_budget:
-            return "host", (f"activations ({needed / 1e9:.2f} GB) exceed the device budget "
-                            f"({device_budget / 1e9:.2f} GB); keeping them in pinned host memory")
-    return "disk", (f"activations ({needed / 1e9:.2f} GB) exceed the memory budget ({device_budget / 1e9:.2f} GB); "
-                    f"spilling them to a temporary file in {tempfile.gettempdir()} (slower; lower --samples or "
-                    "--seq-len to avoid it)")
-
-
-# ---- the streamed pass -----------------------------------------------------------------------------------------
-
-def _return_freed_blocks_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB. By default it rises to the size of the largest chunk freed (up to 32 MiB),
-    so once the first block is freed, later blocks' tensors come from the heap and their memory is kept after they
-    are freed: on a 24-layer checkpoint peak RSS grew by 128 MiB instead of the ~40 MiB three blocks take."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # -3 is M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc (musl has no mallopt); its allocator returns large chunks anyway
-
-
-def _skeleton(folder: str, dtype: torch.dtype):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from ..models.loading import _is_causal_lm
-
-    config = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-    # Parameters on meta; buffers real, because non-persistent ones (rotary inv_freq) are computed, never stored.
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-class WeightPlan:
-    """Which checkpoint tensors make each model tensor, and how, by transformers' own weight conversion mapping.
-
-    transformers 5 renames some checkpoint names on load (Mixtral's `block_sparse_moe` is `mlp`) and fuses others
-    (MoE experts are stored one tensor per expert and loaded as one `gate_up_proj`/`down_proj` per layer). Streamed
-    loading goes through the same renamings and converters as `from_pretrained`, only one block at a time, so a block
-    holds exactly the weights the loaded model would.
-    """
-
-    def __init__(self, model: nn.Module, shards: CheckpointShards):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-
-        mapping = get_model_conversion_mapping(model)
-        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in mapping if isinstance(m, WeightConverter)]
-        self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
-        self.templates = model.state_dict(keep_vars=True)
-        # Adds or strips the base model's prefix, so a base-model checkpoint loads into a ForCausalLM and back.
-        prefix = model.base_model_prefix
-        # model key -> [(checkpoint name, converter source pattern or None)], grouped as from_pretrained groups them
-        self.sources: dict[str, list[tuple[str, Optional[str]]]] = {}
-        for name in sorted(shards.names(), key=dot_natural_key):
-            key, pattern = rename_source_key(name, renamings, converters, prefix, self.templates)
-            if key not in self.templates and name in self.templates:
-                key, pattern = rename_source_key(name, [], [], prefix, self.templates)
-            if key in self.templates:
-                self.sources.setdefault(key, []).append((name, pattern))
-
-    def _produces(self, key: str) -> list[str]:
-        """Every model key that loading `key`'s sources sets: a one-to-many converter (a fused qkv) sets several."""
-        pattern = self.sources[key][0][1]
-        if pattern is None:
-            return [key]
-        targets = self._converters[pattern].target_patterns
-        return [key.replace(targets[0], t) for t in targets]
-
-    def for_module(self, module: nn.Module, module_prefix: str, skip: tuple[str, ...] = ()) -> dict:
-        """The plan's entries for `module` (named `module_prefix` in the model), less the `skip`ped subtrees."""
-        def skipped(full: str) -> bool:
-            return any(full == s or full.startswith(s + ".") for s in skip)
-
-        entries = {key: sources for key, sources in self.sources.items()
-                   if key.startswith(module_prefix) and not skipped(key)}
-        covered = {k for key in entries for k in self._produces(key)}
-        for name, _ in module.named_parameters():
-            full = module_prefix + name
-            if full not in covered and not skipped(full):
-                raise StreamingError(f"the checkpoint has no tensor for parameter {full}; it may need a newer "
-                                     "transformers, or score this model in memory (drop --streamed)")
-        return entries
-
-    def checkpoint_names(self, entries: dict) -> dict[str, torch.Tensor]:
-        """checkpoint name -> template whose dtype it loads in: that of the model tensor it becomes."""
-        return {name: self.templates[key] for key, sources in entries.items() for name, _ in sources}
-
-    def convert(self, entries: dict, loaded: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        """Model key -> tensor, from the loaded checkpoint tensors, through the converters from_pretrained uses."""
-        out = {}
-        for key, sources in entries.items():
-            pattern = sources[0][1]
-            if pattern is None:
-                out[key] = loaded[sources[0][0]]  # two names for one tensor: the first wins, as in from_pretrained
-                continue
-            converter = deepcopy(self._converters[pattern])  # it collects tensors, so one instance per target
-            for name, source_pattern in sources:
-                converter.add_tensor(key, name, source_pattern, loaded[name])
-            try:
-                converted = converter.convert(key, model=model, config=model.config)
-            except Exception as err:  # noqa: BLE001 - the ops raise whatever torch raises on mismatched inputs
-                reason = one_line(err)
-                raise StreamingError(f"cannot build {key} from its {len(sources)} checkpoint tensors ({reason}); the "
-                                     "checkpoint may be incomplete: re-download or re-save it") from None
-            for target, value in converted.items():
-                out[target] = value[0] if isinstance(value, list) else value
-        return out
-
-
-def _materialise(module: nn.Module, module_prefix: str, state: dict[str, torch.Tensor], device) -> None:
-    """Assign `state` (model key -> tensor, all under `module_prefix`) to `module` and move its buffers to `device`."""
-    expected = module.state_dict(keep_vars=True)
-    local = {}
-    for key, tensor in state.items():
-        if not key.startswith(module_prefix):
-            raise StreamingError(f"the weight conversion set {key}, outside {module_prefix.rstrip('.') or 'the model'}"
-                                 "; score this model in memory (drop --streamed)")
-        name = key[len(module_prefix):]
-        if name in expected and expected[name].shape != tensor.shape:
-            raise StreamingError(f"the checkpoint gives {key} the shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(expected[name].shape)}; the checkpoint is incomplete or does not match its "
-                                 "config.json: re-download or re-save it")
-        local[name] = tensor
-    module.load_state_dict(local, strict=False, assign=True)
-    for sub in module.modules():
-        for name, buf in list(sub._buffers.items()):
-            if buf is not None and buf.device.type != "meta" and buf.device != torch.device(device):
-                sub._buffers[name] = buf.to(device)
-
+# ---- recording what every block is called with -------------------------------------------------------------------
 
 def _output_like(output):
     """hidden -> what the block returned, with `hidden` in the hidden state's place.
@@ -417,7 +109,301 @@ def _output_like(output):
 
 
 class _StopAtBlock(Exception):
-    """Raised by a recorder once it has what it was installed for."""
+    """Raised by a stand-in forward once it has what it was installed for."""
+
+
+@dataclass
+class _Recording:
+    calls: list  # [batch][layer] -> (args after hidden_states, kwargs)
+    layouts: list  # [batch] -> batch_layout
+    first_hidden: list  # [batch] -> block 0's input
+    like_block_output: Callable
+
+
+class _Skeleton:
+    """The meta-device model with its non-layer weights in place, and the forward pass that reaches its blocks."""
+
+    def __init__(self, model: nn.Module, calib: CalibrationSet, batch_size: int, device):
+        self.model = model
+        self.stack = find_block_stack(model)
+        self.blocks = self.stack.blocks
+        self.calib = calib
+        self.batch_size = batch_size
+        self.device = device
+        self.needs_positions = bool((calib.attention_mask == 0).any())
+        self.starts = list(range(0, calib.num_sequences, batch_size))
+        self.name = f"{type(model).__name__} ({getattr(model.config, 'model_type', None)})"
+
+    def run_to_blocks(self, start: int) -> None:
+        """The model's forward on one batch, until a stand-in block forward stops it."""
+        stop = min(start + self.batch_size, self.calib.num_sequences)
+        ids = self.calib.input_ids[start:stop].to(self.device)
+        mask2d = self.calib.attention_mask[start:stop].to(self.device)
+        try:
+            self.model(**_forward_kwargs(self.model, ids, mask2d, self.needs_positions))
+        except _StopAtBlock:
+            return
+        except (RuntimeError, NotImplementedError) as err:
+            if "meta" in str(err):
+                raise StreamingError(f"{self.name} uses weights outside its block stack between blocks, so its "
+                                     f"blocks cannot be replayed one at a time: {one_line(err)}") from None
+            raise
+        raise StreamingError(f"the forward pass of {self.name} never reached its last block ({self.stack.path}); it "
+                             "cannot be scored streamed")
+
+    def first_call(self) -> tuple:
+        """(hidden, args, kwargs) block 0 receives on the first batch."""
+        probe: dict = {}
+
+        def probe_first_block(*args, **kwargs):
+            probe["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            probe["call"] = (args[1:], kwargs)
+            raise _StopAtBlock
+
+        self.blocks[0].forward = probe_first_block
+        try:
+            self.run_to_blocks(self.starts[0])
+        finally:
+            self.blocks[0].__dict__.pop("forward", None)
+        return probe["hidden"], *probe["call"]
+
+    def record(self, like_block_output: Callable) -> _Recording:
+        """Every block's call for every batch, each block standing in with `like_block_output` of its input."""
+        num_layers = len(self.blocks)
+        rec = _Recording([], [], [], like_block_output)
+        recorded: list = [None] * num_layers
+        passed_on: list = [None]  # the hidden state the last recorder returned
+
+        def recorder(layer: int):
+            def forward(*args, **kwargs):
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if layer == 0:
+                    rec.first_hidden.append(hidden)
+                elif hidden is not passed_on[0] and not torch.equal(hidden, passed_on[0]):
+                    # Replay feeds each block the previous block's output; a forward that changes the hidden state
+                    # between blocks (RWKV's rescale_every halving) would be scored on inputs the model never sees.
+                    raise StreamingError(f"{self.name} changes the hidden state between blocks {layer - 1} and "
+                                         f"{layer}, so its blocks cannot be replayed one at a time; score it in "
+                                         "memory (drop --streamed)")
+                recorded[layer] = (args[1:], dict(kwargs))
+                if layer == num_layers - 1:
+                    raise _StopAtBlock
+                passed_on[0] = hidden
+                return like_block_output(hidden)
+
+            return forward
+
+        for i, block in enumerate(self.blocks):
+            block.forward = recorder(i)
+        try:
+            for start in self.starts:
+                before = len(rec.first_hidden)
+                self.run_to_blocks(start)
+                if len(rec.first_hidden) != before + 1 or any(r is None for r in recorded):
+                    raise StreamingError(f"the forward pass of {self.name} does not call each block of "
+                                         f"{self.stack.path} once per batch; score it in memory (drop --streamed)")
+                rec.calls.append(list(recorded))
+                recorded[:] = [None] * num_layers
+                stop = min(start + self.batch_size, self.calib.num_sequences)
+                rec.layouts.append(batch_layout(self.calib.attention_mask[start:stop].to(self.device), start,
+                                                self.device))
+        finally:
+            for block in self.blocks:
+                block.__dict__.pop("forward", None)
+        return rec
+
+
+# ---- loading parts in the background -----------------------------------------------------------------------------
+
+class _Prefetcher:
+    """Runs load jobs in order on one background thread, one job ahead of the consumer: while part k computes,
+    part k+1 loads, and no more than those two are held."""
+
+    def __init__(self, jobs: list[Callable], device):
+        self._jobs = jobs
+        self._next = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-prefetch")
+        # On a GPU the loads go on their own stream, or they would queue behind the compute they are meant to overlap.
+        self._stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self._pending = None
+        self.load_seconds = 0.0
+        self.wait_seconds = 0.0
+        self._submit()
+
+    def _run(self, job):
+        began = time.perf_counter()
+        if self._stream is None:
+            out = job()
+        else:
+            with torch.cuda.stream(self._stream):
+                out = job()
+            self._stream.synchronize()  # the part is complete before the compute stream touches it
+        return out, time.perf_counter() - began
+
+    def _submit(self) -> None:
+        if self._next < len(self._jobs):
+            self._pending = self._executor.submit(self._run, self._jobs[self._next])
+            self._next += 1
+        else:
+            self._pending = None
+
+    def take(self):
+        """The next job's result (waiting for it), and the job after it starts loading."""
+        waited = time.perf_counter()
+        out, seconds = self._pending.result()
+        self.wait_seconds += time.perf_counter() - waited
+        self.load_seconds += seconds
+        self._submit()
+        return out
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- how each block is loaded: whole, or in parts ------------------------------------------------------------------
+
+@dataclass
+class _BlockPlan:
+    layer: int
+    experts_name: Optional[str] = None  # None: the block loads whole
+    groups: list = field(default_factory=list)  # [(start, stop)] of the experts module's experts
+
+
+def _plan_blocks(weights: StreamedWeights, budget: int) -> list[_BlockPlan]:
+    """Whole blocks where two fit in the budget (this one and the next, loading); otherwise the block less its routed
+    experts plus groups of experts, so that it, the group computing and the group loading fit together."""
+    half = budget // 2
+    plans = []
+    for layer, block in enumerate(weights.blocks):
+        size = weights.block_bytes(layer)
+        if size <= half:
+            plans.append(_BlockPlan(layer))
+            continue
+        found = experts_modules(block)
+        if len(found) != 1:
+            what = "has no routed experts to load in groups" if not found else "has several experts modules"
+            raise StreamingError(f"block {layer} needs {size / 1e9:.2f} GB and {what}, but only half the memory "
+                                 f"budget ({half / 1e9:.2f} GB of {budget / 1e9:.2f} GB) may hold one block; raise "
+                                 "--memory-budget")
+        name, module = found[0]
+        if not hasattr(module, "_is_expert_parallel"):
+            raise StreamingError(f"block {layer} needs {size / 1e9:.2f} GB and its experts ({type(module).__name__}) "
+                                 "do not take transformers' expert-parallel routing, so they cannot run in groups; "
+                                 f"raise --memory-budget above {2 * size / 1e9:.2f} GB")
+        rest = weights.without_experts_bytes(layer, [name])
+        per_expert = weights.expert_bytes(layer, name, module.num_experts)
+        group = (half - rest) // per_expert if per_expert else module.num_experts
+        if group < 1:
+            raise StreamingError(f"block {layer} less its experts ({rest / 1e9:.2f} GB) plus one expert "
+                                 f"({per_expert / 1e9:.3f} GB) exceed half the memory budget ({half / 1e9:.2f} GB); "
+                                 f"raise --memory-budget to at least {2 * (rest + per_expert) / 1e9:.2f} GB")
+        group = min(group, module.num_experts)
+        plans.append(_BlockPlan(layer, name, [(a, min(a + group, module.num_experts))
+                                              for a in range(0, module.num_experts, group)]))
+    return plans
+
+
+def _load_jobs(weights: StreamedWeights, plans: list[_BlockPlan], device) -> list[Callable]:
+    jobs = []
+    for plan in plans:
+        if plan.experts_name is None:
+            jobs.append(lambda i=plan.layer: weights.block(i, device))
+            continue
+        jobs.append(lambda i=plan.layer, n=plan.experts_name: weights.block_without_experts(i, [n], device))
+        jobs.extend(lambda i=plan.layer, n=plan.experts_name, a=a, b=b: weights.expert_group(i, n, a, b, device)
+                    for a, b in plan.groups)
+    return jobs
+
+
+# ---- the pass ----------------------------------------------------------------------------------------------------
+
+def _routing_arguments(module: nn.Module, args: tuple, kwargs: dict) -> list:
+    """[hidden_states, top-k expert indices, top-k weights] of one call of a transformers experts module, whatever
+    names the family gives them (gpt-oss passes router_indices=/routing_weights=)."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    values = list(bound.arguments.values())[1:]
+    if len(values) != 3 or not all(isinstance(v, torch.Tensor) for v in values):
+        raise StreamingError(f"{type(module).__name__} is not called as experts(hidden, top_k_index, top_k_weights); "
+                             "raise --memory-budget so its block loads whole")
+    return values
+
+
+def _run_block_in_parts(plan: _BlockPlan, block: nn.Module, prefix: str, prefetcher: _Prefetcher, rec: _Recording,
+                        store: ActivationStore, accumulator: LayerAccumulator, compute_dtype, activation_dtype,
+                        device, timing: dict) -> None:
+    """Block `plan.layer` as its non-expert part, then its experts group by group, then the non-expert part again
+    with the summed experts output (see the module docstring)."""
+    i = plan.layer
+    module = block.get_submodule(plan.experts_name)
+    materialise(block, prefix, prefetcher.take(), device)
+    routed: list = [None] * len(rec.layouts)
+
+    def capture(b):
+        def forward(*args, **kwargs):
+            routed[b] = _routing_arguments(module, args, kwargs)
+            raise _StopAtBlock
+        return forward
+
+    began = time.perf_counter()
+    for b in range(len(rec.layouts)):
+        module.forward = capture(b)
+        args, kwargs = rec.calls[b][i]
+        try:
+            block(store.get(b).to(compute_dtype), *args, **kwargs)
+        except _StopAtBlock:
+            pass
+        if routed[b] is None:
+            raise StreamingError(f"block {i} did not call its experts ({plan.experts_name}); raise --memory-budget "
+                                 "so it loads whole")
+    module.__dict__.pop("forward", None)
+    timing["rest_compute_s"] += time.perf_counter() - began
+
+    count, sentinel_state = module.num_experts, module._is_expert_parallel
+    expert_prefix = f"{prefix}{plan.experts_name}."
+    summed: list = [None] * len(rec.layouts)
+    try:
+        for start, stop in plan.groups:
+            tensors = prefetcher.take()
+            began = time.perf_counter()
+            for key, tensor in tensors.items():
+                module._parameters[key[len(expert_prefix):]] = nn.Parameter(tensor, requires_grad=False)
+            del tensors
+            # transformers' expert parallelism: this "rank" holds experts [start, stop); a token routed elsewhere
+            # gets the sentinel index (one past the last local expert) and weight 0, and is skipped.
+            module.num_experts, module._is_expert_parallel = stop - start, True
+            for b, (hidden, index, weight) in enumerate(routed):
+                here = (index >= start) & (index < stop)
+                local = torch.where(here, index - start, stop - start)
+                out = module(hidden, local, weight.masked_fill(~here, 0))
+                summed[b] = out if summed[b] is None else summed[b] + out
+            timing["experts_compute_s"] += time.perf_counter() - began
+            timing["expert_groups"] += 1
+            module.to("meta")
+    finally:
+        module.num_experts, module._is_expert_parallel = count, sentinel_state
+    routed.clear()
+
+    def replay(b):
+        def forward(*args, **kwargs):
+            return summed[b]
+        return forward
+
+    began = time.perf_counter()
+    for b, layout in enumerate(rec.layouts):
+        module.forward = replay(b)
+        hidden_in = store.get(b)
+        args, kwargs = rec.calls[b][i]
+        output = block(hidden_in.to(compute_dtype), *args, **kwargs)
+        hidden_out = (output if isinstance(output, torch.Tensor) else output[0]).to(activation_dtype)
+        accumulator.add(i, hidden_in, hidden_out, layout)
+        store.put(b, hidden_out)
+        rec.calls[b][i] = None
+        summed[b] = None
+    module.__dict__.pop("forward", None)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    timing["rest_compute_s"] += time.perf_counter() - began
+    block.to("meta")
 
 
 @torch.no_grad()
@@ -430,8 +416,22 @@ def collect_layer_stats_streamed(
     dtype: str = "float32",
     progress: bool = True,
     activation_budget: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    compute_dtype: Optional[str] = None,
 ) -> StreamedLayerStats:
-    """Same LayerStats as `collect_layer_stats` on the loaded model, holding at most two blocks at a time."""
+    """Same LayerStats as `collect_layer_stats` on the loaded model, holding at most two parts of blocks at a time.
+
+    model_path: a local safetensors checkpoint folder or alias (FP8 block-scaled and compressed-tensors checkpoints
+    are dequantized as they load). dtype: the dtype activations are kept in between blocks (and BI computed from).
+    memory_budget: bytes the weights in flight may take (default: hardware.WEIGHT_MEMORY_FRACTION of free memory); a
+    block larger than half of it runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto",
+    "float32", "bfloat16" or "float16": the dtype blocks compute in (see hardware.choose_compute_dtype); the choice and
+    why are in `.streaming["compute_dtype"]`/`["compute_dtype_reason"]`. activation_budget: bytes activations may take
+    on the device before they go to host memory or disk.
+    Raises ScoringError (bad batch size), ModelLoadError (unknown dtype), ValueError (bad budget or compute dtype),
+    StreamingError (a checkpoint it cannot read, a block it cannot split under the budget, a quantization method it
+    cannot dequantize, a model whose blocks cannot be replayed one at a time).
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -444,172 +444,92 @@ def collect_layer_stats_streamed(
         raise StreamingError(f"streamed scoring reads a local checkpoint folder; {model_path} is not one "
                              "(download it first, e.g. with `huggingface-cli download`)")
     started = time.perf_counter()
-    _return_freed_blocks_to_the_os()
-    shards = CheckpointShards(folder)
-    model = _skeleton(folder, DTYPES[dtype])
-    stack = find_block_stack(model)
-    blocks = stack.blocks
+    budget = hardware.default_memory_budget(device, memory_budget)
+    activation_dtype = DTYPES[dtype]
+    hardware.return_freed_blocks_to_the_os()
+    weight_map = _checked(st.read_weight_map, Path(folder)) or {}
+    source = SafetensorsSource(folder, dequantizer_for(folder, weight_map))
+    from transformers import AutoConfig
+
+    stored_dtype = getattr(AutoConfig.from_pretrained(folder), "dtype", None)
+    compute, compute_reason = hardware.choose_compute_dtype(
+        compute_dtype, device, activation_dtype, stored_dtype if isinstance(stored_dtype, torch.dtype) else None)
+    skel = _Skeleton(skeleton(folder, compute), calib, batch_size, device)
+    model, blocks = skel.model, skel.blocks
     num_layers = len(blocks)
-    model_type = getattr(model.config, "model_type", None)
-    plan = WeightPlan(model, shards)
 
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = tuple(name for name, mod in model.named_modules()
-                 if output_embeddings is not None and mod is output_embeddings) + (stack.path,)
+                 if output_embeddings is not None and mod is output_embeddings) + (skel.stack.path,)
     # Everything outside the block stack except the output head: the embeddings and whatever the forward needs
     # before block 0. The head is never reached, and for large vocabularies it is the biggest tensor of all.
-    outer = plan.for_module(model, "", skip=skip)
-    _materialise(model, "", plan.convert(outer, shards.load(plan.checkpoint_names(outer), device), model), device)
-
-    prefixes = [f"{stack.path}.{i}." for i in range(num_layers)]
-    entries = [plan.for_module(blocks[i], prefixes[i]) for i in range(num_layers)]
-    # On a GPU the loads go on their own stream, or they would queue behind the compute they are meant to overlap.
-    load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def load_block(i: int):
-        began = time.perf_counter()
-        if load_stream is None:
-            tensors = plan.convert(entries[i], shards.load(plan.checkpoint_names(entries[i]), device), model)
+    weights = StreamedWeights(model, source, skel.stack.path, blocks, skip)
+    materialise(model, "", weights.outer(device), device)
+    plans = _plan_blocks(weights, budget)
+    prefetcher = _Prefetcher(_load_jobs(weights, plans, device), device)
+    timing = {"rest_compute_s": 0.0, "experts_compute_s": 0.0, "expert_groups": 0}
+    store = None
+    try:
+        # Block 0 runs once for real, to learn what a block returns (a whole block 0 stays in place for the pass).
+        hidden, args, kwargs = skel.first_call()
+        if plans[0].experts_name is None:
+            materialise(blocks[0], weights.prefixes[0], prefetcher.take(), device)
+            like_block_output = _output_like(blocks[0](hidden, *args, **kwargs))
         else:
-            with torch.cuda.stream(load_stream):
-                tensors = plan.convert(entries[i], shards.load(plan.checkpoint_names(entries[i]), device), model)
-            load_stream.synchronize()  # the block is complete before the compute stream touches it
-        return tensors, time.perf_counter() - began
+            # A block too large to load whole returns what its siblings return; tensors and tuples led by the hidden
+            # state are all transformers' MoE families produce.
+            like_block_output = _output_like(hidden)
+        del hidden, args, kwargs
+        rec = skel.record(like_block_output)
 
-    num_seqs = calib.num_sequences
-    needs_positions = bool((calib.attention_mask == 0).any())
-    starts = list(range(0, num_seqs, batch_size))
+        hidden_size = rec.first_hidden[0].shape[-1]
+        element = torch.empty(0, dtype=activation_dtype).element_size()
+        needed = calib.num_sequences * calib.input_ids.shape[1] * hidden_size * element
+        tier, message = choose_activation_tier(needed, device, activation_budget)
+        if message:
+            print(f"shortgpt-fast: {message}", file=sys.stderr)
+        store = ActivationStore(tier, device)
+        for b, first in enumerate(rec.first_hidden):
+            store.put(b, first.to(activation_dtype))
+        rec.first_hidden.clear()
 
-    def run_to_blocks(start: int) -> None:
-        """The model's forward on one batch, until a recorder stops it."""
-        stop = min(start + batch_size, num_seqs)
-        ids = calib.input_ids[start:stop].to(device)
-        mask2d = calib.attention_mask[start:stop].to(device)
-        try:
-            model(**_forward_kwargs(model, ids, mask2d, needs_positions))
-        except _StopAtBlock:
-            return
-        except (RuntimeError, NotImplementedError) as err:
-            if "meta" in str(err):
-                raise StreamingError(
-                    f"{type(model).__name__} ({model_type}) uses weights outside its block stack between "
-                    f"blocks, so its blocks cannot be replayed one at a time: {one_line(err)}") from None
-            raise
-        raise StreamingError(f"the forward pass of {type(model).__name__} never reached its last block "
-                             f"({stack.path}); it cannot be scored streamed")
-
-    # ---- run block 0 once for real, to learn what a block returns -----------------------------------------------
-    probe: dict = {}
-
-    def probe_first_block(*args, **kwargs):
-        probe["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        probe["call"] = (args[1:], kwargs)
-        raise _StopAtBlock
-
-    blocks[0].forward = probe_first_block
-    try:
-        run_to_blocks(starts[0])
-    finally:
-        blocks[0].__dict__.pop("forward", None)
-    tensors, load_seconds = load_block(0)
-    _materialise(blocks[0], prefixes[0], tensors, device)
-    del tensors
-    args, kwargs = probe["call"]
-    like_block_output = _output_like(blocks[0](probe["hidden"], *args, **kwargs))
-    probe.clear()
-    del args, kwargs
-
-    # ---- record every block's call for every batch --------------------------------------------------------------
-    calls: list[list] = []  # [batch][layer] -> (args after hidden_states, kwargs)
-    layouts = []
-    first_hidden = []
-    recorded: list = [None] * num_layers
-    passed_on: list = [None]  # the hidden state the last recorder returned
-
-    def recorder(layer: int):
-        def forward(*args, **kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if layer == 0:
-                first_hidden.append(hidden)
-            elif hidden is not passed_on[0] and not torch.equal(hidden, passed_on[0]):
-                # Replay feeds each block the previous block's output; a forward that changes the hidden state
-                # between blocks (RWKV's rescale_every halving) would be scored on inputs the model never sees.
-                raise StreamingError(f"{type(model).__name__} ({model_type}) changes the hidden state between blocks "
-                                     f"{layer - 1} and {layer}, so its blocks cannot be replayed one at a time; score "
-                                     "it in memory (drop --streamed)")
-            recorded[layer] = (args[1:], dict(kwargs))
-            if layer == num_layers - 1:
-                raise _StopAtBlock
-            passed_on[0] = hidden
-            return like_block_output(hidden)
-
-        return forward
-
-    for i, block in enumerate(blocks):
-        block.forward = recorder(i)
-    try:
-        for start in starts:
-            before = len(first_hidden)
-            run_to_blocks(start)
-            if len(first_hidden) != before + 1 or any(r is None for r in recorded):
-                raise StreamingError(f"the forward pass of {type(model).__name__} does not call each block of "
-                                     f"{stack.path} once per batch; score it in memory (drop --streamed)")
-            calls.append(list(recorded))
-            recorded[:] = [None] * num_layers
-            stop = min(start + batch_size, num_seqs)
-            layouts.append(batch_layout(calib.attention_mask[start:stop].to(device), start, device))
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
-    passed_on[0] = None
-
-    hidden_size = first_hidden[0].shape[-1]
-    element = first_hidden[0].element_size()
-    needed = num_seqs * calib.input_ids.shape[1] * hidden_size * element
-    tier, message = choose_activation_tier(needed, device, activation_budget)
-    if message:
-        print(f"shortgpt-fast: {message}", file=sys.stderr)
-    store = ActivationStore(tier, device)
-    for b, hidden in enumerate(first_hidden):
-        store.put(b, hidden)
-    first_hidden.clear()
-
-    # ---- one block at a time, the next one loading meanwhile --------------------------------------------------
-    accumulator = LayerAccumulator(num_layers, num_seqs, angular_span, device)
-    compute_seconds = 0.0
-    wait_seconds = load_seconds  # block 0's load overlapped nothing
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-prefetch")
-    try:
-        pending = executor.submit(load_block, 1) if num_layers > 1 else None
-        for i in tqdm(range(num_layers), desc="streamed scoring", unit="block", disable=not progress):
-            if i > 0:  # block 0 is in place since the probe
-                waited = time.perf_counter()
-                tensors, seconds = pending.result()
-                wait_seconds += time.perf_counter() - waited
-                load_seconds += seconds
-                if i + 1 < num_layers:
-                    pending = executor.submit(load_block, i + 1)
-                _materialise(blocks[i], prefixes[i], tensors, device)
-                del tensors
+        accumulator = LayerAccumulator(num_layers, calib.num_sequences, angular_span, device)
+        compute_seconds = 0.0
+        for plan in tqdm(plans, desc="streamed scoring", unit="block", disable=not progress):
+            i = plan.layer
             began = time.perf_counter()
-            for b, layout in enumerate(layouts):
+            if plan.experts_name is not None:
+                _run_block_in_parts(plan, blocks[i], weights.prefixes[i], prefetcher, rec, store, accumulator,
+                                    compute, activation_dtype, device, timing)
+                compute_seconds += time.perf_counter() - began
+                continue
+            if i > 0:  # a whole block 0 is in place since the probe
+                materialise(blocks[i], weights.prefixes[i], prefetcher.take(), device)
+                began = time.perf_counter()
+            for b, layout in enumerate(rec.layouts):
                 hidden_in = store.get(b)
-                args, kwargs = calls[b][i]
-                output = blocks[i](hidden_in, *args, **kwargs)
-                hidden_out = output if isinstance(output, torch.Tensor) else output[0]
+                args, kwargs = rec.calls[b][i]
+                output = blocks[i](hidden_in.to(compute), *args, **kwargs)
+                hidden_out = (output if isinstance(output, torch.Tensor) else output[0]).to(activation_dtype)
                 accumulator.add(i, hidden_in, hidden_out, layout)
                 store.put(b, hidden_out)
-                calls[b][i] = None  # its masks may be the only reference left
+                rec.calls[b][i] = None  # its masks may be the only reference left
                 del hidden_in, output, hidden_out
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             compute_seconds += time.perf_counter() - began
             blocks[i].to("meta")  # frees the block's weights
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-        store.close()
-    stats = accumulator.finish(stack.path, started)
-    return StreamedLayerStats(stats.per_sequence, stats.span_angular, stats.block_path, stats.seconds, streaming={
-        "activations": tier, "activation_bytes": needed, "load_s": load_seconds, "compute_s": compute_seconds,
-        "wait_for_load_s": wait_seconds, "num_layers": num_layers,
+        prefetcher.close()
+        if store is not None:
+            store.close()
+    stats = accumulator.finish(skel.stack.path, started)
+    split = [p.layer for p in plans if p.experts_name is not None]
+    return StreamedLayerStats(stats.per_sequence, stats.span_angular, stats.block_path, stats.seconds, stats.metric_sums, streaming={
+        "activations": tier, "activation_bytes": needed, "load_s": prefetcher.load_seconds,
+        "compute_s": compute_seconds, "wait_for_load_s": prefetcher.wait_seconds, "num_layers": num_layers,
+        "memory_budget": budget, "blocks_in_parts": split, **timing,
+        "compute_dtype": str(compute).replace("torch.", ""), "compute_dtype_reason": compute_reason,
+        "activation_dtype": dtype, "quantization": source.dequantizer.method if source.dequantizer else None,
+        **{f"{k}_s": v for k, v in source.seconds.items()},
     })

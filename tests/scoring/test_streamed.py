@@ -21,7 +21,7 @@ from shortgpt_fast.scoring.block_influence import collect_layer_stats
 from shortgpt_fast.scoring.report import SCORE_METRICS
 from shortgpt_fast.scoring.streamed import StreamingError, collect_layer_stats_streamed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_mistral(num_layers: int = 5, seed: int = 0):

@@ -1,0 +1,413 @@
+"""Where a streamed pass gets its weights: a checkpoint read one block (or one group of experts) at a time.
+
+Two layers. A *weight source* knows a checkpoint's tensors by name and reads any subset of them onto a device,
+dequantized (`SafetensorsSource`; a GGUF source would implement the same three methods: `names`, `total_bytes`,
+`load`). `StreamedWeights` puts transformers' own weight conversion mapping on top (renamings, and the fusion of
+per-expert tensors into one 3-D tensor per layer), so it can hand out the model tensors of the non-layer part, of one
+block by layer index, of one block less its routed experts, and of a contiguous group of a block's experts.
+"""
+from __future__ import annotations
+
+import re
+import time
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import one_line
+from ..io import safetensors as st
+from .block_influence import ScoringError
+
+
+class StreamingError(ScoringError):
+    """Streamed scoring refused or failed: a damaged checkpoint header or index, a block that cannot be split under
+    the memory budget, or an activation spill file that returned too few bytes. A ScoringError, so callers that catch
+    scoring errors catch it too.
+    """
+
+    pass
+
+
+class WeightSource(Protocol):
+    """A checkpoint's tensors by name. `load` returns real (dequantized) tensors in the templates' dtypes."""
+
+    folder: Path
+
+    def names(self) -> list[str]:
+        """Every tensor name a model may ask for (quantization scales and packed parts are not listed)."""
+
+    def total_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes of every tensor as stored, or, given `dtype`, with floating tensors in that dtype."""
+
+    def load(self, wanted: dict[str, "TensorRequest"], device) -> dict[str, torch.Tensor]:
+        """name -> tensor on `device`, for each requested name (rows sliced where the request says so)."""
+
+
+@dataclass(frozen=True)
+class TensorRequest:
+    """What to read for one checkpoint name: the dtype it becomes, and optionally only rows [start, stop) of dim 0
+    (one group of experts out of a tensor that stores them all)."""
+
+    dtype: torch.dtype
+    rows: Optional[tuple[int, int]] = None
+
+
+# ---- the safetensors source ----------------------------------------------------------------------------------
+
+def _checked(read, path: Path):
+    """`read(path)` with a malformed header or index (shortgpt_fast.io.safetensors) reported as a StreamingError."""
+    try:
+        return read(path)
+    except st.SafetensorsError as err:
+        hint = "" if "re-save" in str(err) else "; re-download or re-save the checkpoint"
+        raise StreamingError(f"{err}{hint}") from None
+
+
+class SafetensorsSource:
+    """Tensor name -> shard file of a safetensors checkpoint folder, read lazily through mmap (safe_open).
+
+    `dequantizer` (see scoring/dequantize.py) folds a quantized weight and its companions (scales, zero points,
+    packed shape) into one floating tensor under the weight's name as each one loads, on the scoring device.
+    """
+
+    def __init__(self, folder: str, dequantizer=None):
+        self.folder = Path(folder)
+        weight_map = _checked(st.read_weight_map, self.folder)
+        if weight_map is None:
+            raise StreamingError(f"{folder} holds no safetensors weights (model.safetensors or its index); streamed "
+                                 "scoring reads only safetensors checkpoints")
+        self.weight_map = weight_map
+        self.dequantizer = dequantizer
+        # logical name -> (stored root name, stored companion names) for every quantized weight
+        self._quantized: dict[str, tuple[str, tuple[str, ...]]] = {}
+        if dequantizer is not None:
+            for name in weight_map:
+                parts = dequantizer.parts(name)
+                if parts is not None:
+                    logical, companions = parts
+                    self._quantized[logical] = (name, tuple(companions))
+        hidden = {n for root, companions in self._quantized.values() for n in (root, *companions)}
+        self._names = [n for n in weight_map if n not in hidden] + list(self._quantized)
+        # Seconds spent reading (and copying onto the device) and dequantizing, over the whole pass.
+        self.seconds = {"read": 0.0, "dequantize": 0.0}
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def total_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes of every tensor, as stored or, given `dtype`, after casting floating tensors to it."""
+        total = 0
+        for shard in sorted(set(self.weight_map.values())):
+            # The reader refuses an unknown dtype by name: guessing its size would misjudge what fits in memory.
+            for _name, stored_dtype, shape, begin, end in _checked(st.read_header, self.folder / shard)["tensors"]:
+                if dtype is not None and stored_dtype in st.FLOAT_DTYPES:
+                    count = 1
+                    for dim in shape:
+                        count *= dim
+                    total += count * torch.empty(0, dtype=dtype).element_size()
+                else:
+                    total += end - begin
+        return total
+
+    def load(self, wanted: dict[str, TensorRequest], device) -> dict[str, torch.Tensor]:
+        """Read checkpoint tensors `wanted` (name -> TensorRequest) straight onto `device`, dequantized."""
+        stored: dict[str, Optional[tuple[int, int]]] = {}
+        for name, request in wanted.items():
+            for part in (self._quantized[name][0], *self._quantized[name][1]) if name in self._quantized else (name,):
+                if part not in self.weight_map:
+                    raise StreamingError(f"tensor {part} is not in the checkpoint {self.folder}; it may need a newer "
+                                         "transformers or a family entry in shortgpt_fast/models/architectures.py")
+                stored[part] = request.rows
+        began = time.perf_counter()
+        raw = self._read(stored, device)
+        self.seconds["read"] += time.perf_counter() - began
+        began = time.perf_counter()
+        loaded = {}
+        for name, request in wanted.items():
+            if name in self._quantized:
+                root, companions = self._quantized[name]
+                parts = {part: raw.pop(part) for part in (root, *companions)}
+                tensor = self.dequantizer.dequantize(name, root, parts)
+                self._check_finite(name, tensor, self.weight_map[root])
+            else:
+                tensor = raw.pop(name)
+                if tensor.is_floating_point():
+                    self._check_finite(name, tensor, self.weight_map[name])
+            loaded[name] = tensor.to(request.dtype) if tensor.is_floating_point() else tensor
+        self.seconds["dequantize"] += time.perf_counter() - began
+        return loaded
+
+    @staticmethod
+    def _check_finite(name: str, tensor: torch.Tensor, shard: str) -> None:
+        if not bool(torch.isfinite(tensor).all()):
+            raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
+                                 "re-download or re-save the checkpoint")
+
+    def _read(self, stored: dict[str, Optional[tuple[int, int]]], device) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for name in stored:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        # safe_open on a CUDA device copies each tensor straight from the mmap to the GPU.
+        open_device = str(device) if torch.device(device).type == "cuda" else "cpu"
+        out = {}
+        for shard, names in by_shard.items():
+            path = self.folder / shard
+            # Opened per block, not kept open: touched mmap pages count as resident until the file is unmapped.
+            try:
+                handle = safe_open(str(path), framework="pt", device=open_device)
+            except Exception as err:  # safetensors raises its own error types for every kind of damage
+                raise StreamingError(self._damage_message(path, names[0], err)) from None
+            with handle as fh:
+                for name in names:
+                    rows = stored[name]
+                    try:
+                        tensor = fh.get_tensor(name) if rows is None else fh.get_slice(name)[rows[0]:rows[1]]
+                    except Exception as err:
+                        raise StreamingError(self._damage_message(path, name, err)) from None
+                    tensor = tensor.to(device)
+                    if tensor.device.type == "cpu":
+                        # Own the bytes: a view into the shard's mmap would pin every page this shard map touched
+                        # (RSS grew by a third of a block per block until the end of the pass).
+                        tensor = tensor.clone()
+                    out[name] = tensor
+        return out
+
+    def _damage_message(self, path: Path, name: str, err: Exception) -> str:
+        """Name the tensor that lies where the file is damaged, which is not always the one being read."""
+        try:
+            st.read_header(path)
+        except (st.SafetensorsError, OSError) as damage:
+            # The header reader names the tensor a truncation falls in (the first one in data order it cuts).
+            return f"{one_line(damage)}; re-download or re-save the checkpoint"
+        reason = one_line(err)
+        return (f"shard {path.name} is corrupt or truncated at tensor {name} ({reason}); re-download or re-save "
+                "the checkpoint")
+
+
+# The name streamed scoring used before sources were pluggable.
+CheckpointShards = SafetensorsSource
+
+
+# ---- the model skeleton and how checkpoint tensors become its tensors -----------------------------------------
+
+def skeleton(folder: str, dtype: torch.dtype) -> nn.Module:
+    """The model of `folder`'s config.json with parameters on the meta device (buffers real) and no quantization:
+    quantized weights are dequantized as they load, so the model computes in `dtype`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from ..models.loading import _is_causal_lm
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+    # Parameters on meta; buffers real, because non-persistent ones (rotary inv_freq) are computed, never stored.
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+class WeightPlan:
+    """Which checkpoint tensors make each model tensor, and how, by transformers' own weight conversion mapping.
+
+    transformers 5 renames some checkpoint names on load (Mixtral's `block_sparse_moe` is `mlp`) and fuses others
+    (MoE experts are stored one tensor per expert and loaded as one `gate_up_proj`/`down_proj` per layer). Streamed
+    loading goes through the same renamings and converters as `from_pretrained`, only one block at a time, so a block
+    holds exactly the weights the loaded model would.
+    """
+
+    def __init__(self, model: nn.Module, source: WeightSource):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        self.templates = model.state_dict(keep_vars=True)
+        # Adds or strips the base model's prefix, so a base-model checkpoint loads into a ForCausalLM and back.
+        prefix = model.base_model_prefix
+        # model key -> [(checkpoint name, converter source pattern or None)], grouped as from_pretrained groups them.
+        # Names that become no model tensor (a DeepSeek MTP layer past num_hidden_layers) are never read.
+        self.sources: dict[str, list[tuple[str, Optional[str]]]] = {}
+        for name in sorted(source.names(), key=dot_natural_key):
+            key, pattern = rename_source_key(name, renamings, converters, prefix, self.templates)
+            if key not in self.templates and name in self.templates:
+                key, pattern = rename_source_key(name, [], [], prefix, self.templates)
+            if key in self.templates:
+                self.sources.setdefault(key, []).append((name, pattern))
+
+    def _produces(self, key: str) -> list[str]:
+        """Every model key that loading `key`'s sources sets: a one-to-many converter (a fused qkv) sets several."""
+        pattern = self.sources[key][0][1]
+        if pattern is None:
+            return [key]
+        targets = self._converters[pattern].target_patterns
+        return [key.replace(targets[0], t) for t in targets]
+
+    def for_module(self, module: nn.Module, module_prefix: str, skip: tuple[str, ...] = ()) -> dict:
+        """The plan's entries for `module` (named `module_prefix` in the model), less the `skip`ped subtrees."""
+        def skipped(full: str) -> bool:
+            return any(full == s or full.startswith(s + ".") for s in skip)
+
+        entries = {key: sources for key, sources in self.sources.items()
+                   if key.startswith(module_prefix) and not skipped(key)}
+        covered = {k for key in entries for k in self._produces(key)}
+        for name, _ in module.named_parameters():
+            full = module_prefix + name
+            if full not in covered and not skipped(full):
+                raise StreamingError(f"the checkpoint has no tensor for parameter {full}; it may need a newer "
+                                     "transformers, or score this model in memory (drop --streamed)")
+        return entries
+
+    def requests(self, entries: dict, rows: Optional[dict[str, tuple[int, int]]] = None) -> dict[str, TensorRequest]:
+        """checkpoint name -> TensorRequest in the dtype of the model tensor it becomes; `rows` names the tensors
+        stored with all experts fused, of which only one group's rows are read."""
+        rows = rows or {}
+        return {name: TensorRequest(self.templates[key].dtype, rows.get(name))
+                for key, sources in entries.items() for name, _ in sources}
+
+    def convert(self, entries: dict, loaded: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Model key -> tensor, from the loaded checkpoint tensors, through the converters from_pretrained uses."""
+        out = {}
+        for key, sources in entries.items():
+            pattern = sources[0][1]
+            if pattern is None:
+                out[key] = loaded[sources[0][0]]  # two names for one tensor: the first wins, as in from_pretrained
+                continue
+            converter = deepcopy(self._converters[pattern])  # it collects tensors, so one instance per target
+            for name, source_pattern in sources:
+                converter.add_tensor(key, name, source_pattern, loaded[name])
+            try:
+                converted = converter.convert(key, model=model, config=model.config)
+            except Exception as err:  # noqa: BLE001 - the ops raise whatever torch raises on mismatched inputs
+                reason = one_line(err)
+                raise StreamingError(f"cannot build {key} from its {len(sources)} checkpoint tensors ({reason}); the "
+                                     "checkpoint may be incomplete: re-download or re-save it") from None
+            for target, value in converted.items():
+                out[target] = value[0] if isinstance(value, list) else value
+        return out
+
+
+def materialise(module: nn.Module, module_prefix: str, state: dict[str, torch.Tensor], device) -> None:
+    """Assign `state` (model key -> tensor, all under `module_prefix`) to `module` and move its buffers to `device`."""
+    expected = module.state_dict(keep_vars=True)
+    local = {}
+    for key, tensor in state.items():
+        if not key.startswith(module_prefix):
+            raise StreamingError(f"the weight conversion set {key}, outside {module_prefix.rstrip('.') or 'the model'}"
+                                 "; score this model in memory (drop --streamed)")
+        name = key[len(module_prefix):]
+        if name in expected and expected[name].shape != tensor.shape:
+            raise StreamingError(f"the checkpoint gives {key} the shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(expected[name].shape)}; the checkpoint is incomplete or does not match its "
+                                 "config.json: re-download or re-save it")
+        local[name] = tensor
+    module.load_state_dict(local, strict=False, assign=True)
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device.type != "meta" and buf.device != torch.device(device):
+                sub._buffers[name] = buf.to(device)
+
+
+# ---- one block, or one block in parts ------------------------------------------------------------------------
+
+def _nbytes(template: torch.Tensor) -> int:
+    return template.numel() * template.element_size()
+
+
+def experts_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name in the block, module) of each routed-experts module: transformers' fused experts, whose parameters all
+    lead with the expert dimension (`num_experts`)."""
+    found = []
+    for name, module in block.named_modules():
+        count = getattr(module, "num_experts", None)
+        params = list(module.named_parameters(recurse=False))
+        if isinstance(count, int) and count > 1 and params and all(p.dim() >= 2 and p.shape[0] == count
+                                                                    for _, p in params):
+            found.append((name, module))
+    return found
+
+
+class StreamedWeights:
+    """The model tensors of a checkpoint, handed out by part: the non-layer part, a block by layer index, a block less
+    its routed experts, or a contiguous group [start, stop) of one experts module's experts."""
+
+    def __init__(self, model: nn.Module, source: WeightSource, stack_path: str, blocks, skip: tuple[str, ...]):
+        self.model = model
+        self.source = source
+        self.plan = WeightPlan(model, source)
+        self.skip = skip
+        self.prefixes = [f"{stack_path}.{i}." for i in range(len(blocks))]
+        self.blocks = blocks
+        self._entries = [self.plan.for_module(blocks[i], self.prefixes[i]) for i in range(len(blocks))]
+
+    def _load(self, entries: dict, device, rows=None) -> dict[str, torch.Tensor]:
+        return self.plan.convert(entries, self.source.load(self.plan.requests(entries, rows), device), self.model)
+
+    def outer(self, device) -> dict[str, torch.Tensor]:
+        """Everything outside the block stack except `skip` (the output head): model key -> tensor."""
+        return self._load(self.plan.for_module(self.model, "", skip=self.skip), device)
+
+    def block(self, layer: int, device) -> dict[str, torch.Tensor]:
+        """All of block `layer`'s tensors: model key -> tensor on `device`."""
+        return self._load(self._entries[layer], device)
+
+    def block_bytes(self, layer: int) -> int:
+        """Bytes block `layer` takes in memory (its model tensors in the model's dtypes)."""
+        return sum(_nbytes(self.plan.templates[k]) for key in self._entries[layer] for k in self.plan._produces(key))
+
+    def expert_keys(self, layer: int, experts_name: str) -> list[str]:
+        prefix = self.prefixes[layer] + experts_name + "."
+        return [key for key in self._entries[layer] if key.startswith(prefix)]
+
+    def block_without_experts(self, layer: int, experts: list[str], device) -> dict[str, torch.Tensor]:
+        """Block `layer` less the routed experts modules named `experts` (in the block): attention or mixer, norms,
+        router, shared experts."""
+        return self._load(self._without(layer, experts), device)
+
+    def without_experts_bytes(self, layer: int, experts: list[str]) -> int:
+        return sum(_nbytes(self.plan.templates[k]) for key in self._without(layer, experts)
+                   for k in self.plan._produces(key))
+
+    def _without(self, layer: int, experts: list[str]) -> dict:
+        inside = tuple(self.prefixes[layer] + name + "." for name in experts)
+        return {key: src for key, src in self._entries[layer].items() if not key.startswith(inside)}
+
+    def expert_bytes(self, layer: int, experts_name: str, count: int) -> int:
+        """Bytes one expert of that module takes in memory."""
+        return sum(_nbytes(self.plan.templates[key]) for key in self.expert_keys(layer, experts_name)) // count
+
+    def expert_group(self, layer: int, experts_name: str, start: int, stop: int, device) -> dict[str, torch.Tensor]:
+        """The experts [start, stop) of block `layer`'s experts module: model key -> tensor with stop - start rows.
+
+        Per-expert checkpoint tensors (`...experts.7.w1.weight`) are read for those experts only and fused by
+        transformers' own converter; a tensor stored fused (gpt-oss) is read as a slice of its rows.
+        """
+        entries, rows = {}, {}
+        for key in self.expert_keys(layer, experts_name):
+            sources = self._entries[layer][key]
+            if len(sources) == 1:
+                entries[key] = sources
+                rows[sources[0][0]] = (start, stop)
+                continue
+            picked = []
+            for name, pattern in sources:
+                match = _EXPERT_INDEX.search(name)
+                if match is None:
+                    raise StreamingError(f"cannot tell which expert checkpoint tensor {name} belongs to; give a "
+                                         "memory budget that holds a whole block of this model")
+                if start <= int(match.group(1)) < stop:
+                    picked.append((name, pattern))
+            entries[key] = picked
+        return self._load(entries, device, rows)
