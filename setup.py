@@ -45,12 +45,15 @@ class NinjaBuildExt(build_ext):
         cflags += shlex.split(os.environ.get("SHORTGPT_FAST_CXXFLAGS", ""))
         ldflags = ["-shared", "-fopenmp"]
 
-        sources = [CSRC / name for name in ext.cpp_sources]
+        # One folder per part: the portable kernel everywhere; the surgery engines (collapse-range, FICLONE,
+        # sync_file_range) only on Linux, where elsewhere surgery says it needs Linux and the kernel still builds.
+        folders = list(ext.portable_folders)
         if sys.platform.startswith("linux"):
-            # The surgery engine uses Linux-only calls (collapse-range, FICLONE, sync_file_range); elsewhere the
-            # portable kernel still builds and surgery says it needs Linux.
-            sources.append(CSRC / "safetensors_surgery.cpp")
+            folders += ext.linux_folders
             cflags.append("-DSGF_WITH_SURGERY=1")
+        sources = [CSRC / name for name in ext.top_sources]
+        for folder in folders:
+            sources += sorted((CSRC / folder).glob("*.cpp"))
         lines = [
             f"cxx = {cxx}",
             f"cflags = {' '.join(shlex.quote(f) for f in cflags)}",
@@ -64,7 +67,8 @@ class NinjaBuildExt(build_ext):
         ]
         objects = []
         for src in sources:
-            obj = build_dir / (src.stem + ".o")
+            # Named by the path under csrc/, so equal file names in two folders never share an object.
+            obj = build_dir / ("_".join(src.relative_to(CSRC).with_suffix("").parts) + ".o")
             objects.append(obj)
             lines.append(f"build {obj}: cxx {src}")
         lines.append(f"build {out_path}: link {' '.join(str(o) for o in objects)}")
@@ -76,7 +80,9 @@ class NinjaBuildExt(build_ext):
 class CoreExtension(Extension):
     def __init__(self):
         super().__init__("shortgpt_fast._C", sources=[])
-        self.cpp_sources = ["module.cpp", "bi_reduce.cpp"]
+        self.top_sources = ["module.cpp"]
+        self.portable_folders = ["bi_reduce"]
+        self.linux_folders = ["surgery", "gguf"]
 
 
 # SHORTGPT_FAST_SKIP_CPP=1 installs the pure-Python package: the torch backend scores, and every feature that needs

@@ -1,6 +1,6 @@
 // Fused Block Influence reduction on CPU: one read of x_in and x_out gives, per sequence, the six float64 columns
-// documented in shortgpt_fast/ops/bi_reduce.py. Torch-free on purpose: it takes raw addresses, strides in
-// elements and dtype codes, so one build serves any torch.
+// documented in shortgpt_fast/ops/bi_reduce/contract.py (their order: sgf::Stat in common.h). Torch-free on
+// purpose: it takes raw addresses, strides in elements and dtype codes, so one build serves any torch.
 //
 // Determinism: phase 1 computes each valid row's fp32 sums and fp64 terms, with a summation tree fixed by the
 // hidden size alone; rows are shared among threads, but one row never is. Phase 2 sums each sequence's rows
@@ -54,7 +54,7 @@ struct RowJob {
 namespace isa_avx512 {
 #define BI_ROWS_AVX2 1
 #define BI_ROWS_AVX512 1
-#include "bi_reduce_rows.h"
+#include "bi_reduce/bi_reduce_rows.h"
 #undef BI_ROWS_AVX512
 #undef BI_ROWS_AVX2
 }  // namespace isa_avx512
@@ -65,7 +65,7 @@ namespace isa_avx512 {
 namespace isa_avx2 {
 #define BI_ROWS_AVX2 1
 #define BI_ROWS_AVX512 0
-#include "bi_reduce_rows.h"
+#include "bi_reduce/bi_reduce_rows.h"
 #undef BI_ROWS_AVX512
 #undef BI_ROWS_AVX2
 }  // namespace isa_avx2
@@ -75,7 +75,7 @@ namespace isa_avx2 {
 namespace isa_generic {
 #define BI_ROWS_AVX2 0
 #define BI_ROWS_AVX512 0
-#include "bi_reduce_rows.h"
+#include "bi_reduce/bi_reduce_rows.h"
 #undef BI_ROWS_AVX512
 #undef BI_ROWS_AVX2
 }  // namespace isa_generic
