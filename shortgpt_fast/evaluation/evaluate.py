@@ -54,6 +54,11 @@ def check_inputs_early(kwargs: dict) -> None:
     check_task_inputs(kwargs["tasks"], kwargs["data_dir"])
 
 
+def with_stderr(value: float, stderr: Optional[float], fmt: str) -> str:
+    """`value ± stderr`, or the value alone where lm-eval has no stderr (a single document)."""
+    return fmt.format(value) + (f" ± {fmt.format(stderr)}" if stderr is not None else "")
+
+
 def _rows(result: dict) -> list[tuple[str, str, Optional[float]]]:
     """(label, formatted value, raw value) for every reported number of one model."""
     rows = [("layers", str(result["layers"]), result["layers"]),
@@ -68,7 +73,7 @@ def _rows(result: dict) -> list[tuple[str, str, Optional[float]]]:
         for metric in ("acc", "acc_norm"):
             if metric in task:
                 rows.append((f"{name} {metric} (n={task['docs']})",
-                             f"{task[metric]:.4f} ± {task[metric + '_stderr']:.4f}", task[metric]))
+                             with_stderr(task[metric], task[metric + "_stderr"], "{:.4f}"), task[metric]))
     for phase in ("prefill", "decode"):
         for batch, t in result.get("throughput", {}).get(phase, {}).items():
             rows.append((f"{phase} tokens/s (batch {batch})", f"{t['tokens_per_s']:.1f}", t["tokens_per_s"]))

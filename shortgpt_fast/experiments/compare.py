@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import cli_types as T
-from ..evaluation.evaluate import check_inputs_early, evaluate
+from ..evaluation.evaluate import check_inputs_early, evaluate, with_stderr
 from ..evaluation.quantize import METHODS as QUANTIZE_METHODS
 from ..evaluation.quantize import format_order_table, quantization_order, quantize, require_backend
 from ..evaluation.run import add_evaluation_flags, evaluate_kwargs_from_args
@@ -128,7 +128,8 @@ def markdown_table(table: dict) -> str:
             cells.append(f"{row['ppl']:.2f}")
         if tasks:
             accs = [row[t]["acc"] for t in tasks]
-            cells += [f"{a * 100:.1f} ± {row[t]['acc_stderr'] * 100:.1f}" for a, t in zip(accs, tasks)]
+            cells += [with_stderr(100 * a, stderr and 100 * stderr, "{:.1f}")
+                      for a, stderr in zip(accs, (row[t]["acc_stderr"] for t in tasks))]
             avg = statistics.fmean(accs)
             cells += [f"{avg * 100:.1f}", f"{100 * avg / dense_avg:.1f}" if dense_avg else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")

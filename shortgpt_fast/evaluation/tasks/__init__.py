@@ -13,8 +13,17 @@ from .. import EvaluationError
 from ..data_dir import resolve_data_dir
 
 TASKS_DIR = Path(__file__).parent
-# Short names for the task YAMLs shipped here; any other name is handed to lm-eval's own registry.
-LOCAL_TASKS = {"piqa": "piqa_local", "arc_easy": "arc_easy_local"}
+# Names for the task YAMLs shipped here (mmlu_local is a group of 57 subject tasks); any other name, `mmlu`
+# included, is handed to lm-eval's own registry.
+LOCAL_TASKS = {"piqa": "piqa_local", "arc_easy": "arc_easy_local", "mmlu_local": "mmlu_local"}
+MMLU_SUBJECT_PREFIX = "mmlu_local_"  # one MMLU subject alone, e.g. mmlu_local_anatomy
+
+
+def _local_name(task: str) -> Optional[str]:
+    """The lm-eval name of a task shipped here, or None for any other name."""
+    if task in LOCAL_TASKS:
+        return LOCAL_TASKS[task]
+    return task if task.startswith(MMLU_SUBJECT_PREFIX) else None
 
 
 def _jsonl_task_config(path: Path) -> dict:
@@ -49,9 +58,9 @@ def task_specs(tasks: Sequence[str], data_dir: Optional[str]):
 
     specs, names, registry_names = [], {}, []
     for task in tasks:
-        if task in LOCAL_TASKS:
-            specs.append(LOCAL_TASKS[task])
-            names[LOCAL_TASKS[task]] = task
+        if _local_name(task):
+            specs.append(_local_name(task))
+            names[_local_name(task)] = task
         elif task.endswith(".jsonl"):
             path = Path(task).expanduser()
             if not path.is_file():
@@ -63,11 +72,12 @@ def task_specs(tasks: Sequence[str], data_dir: Optional[str]):
             specs.append(task)
             names[task] = task
             registry_names.append(task)
-    needs_local_data = any(task in LOCAL_TASKS for task in tasks)
+    needs_local_data = any(_local_name(task) for task in tasks)
     metadata = {"data_dir": str(resolve_data_dir(data_dir))} if needs_local_data else {}
     # Indexing lm-eval's ~15k built-in task YAMLs takes seconds, so do it only when a built-in task is asked for.
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(registry_names), metadata=metadata)
-    unknown = [name for name in registry_names if name not in manager.all_tasks]
+    unknown = [name for name in registry_names + [n for n in names if n.startswith(MMLU_SUBJECT_PREFIX)]
+               if name not in manager.all_tasks]
     if unknown:
         raise EvaluationError(f"unknown task {', '.join(map(repr, unknown))}; local tasks are "
                               f"{', '.join(LOCAL_TASKS)} or a {{query, choices, gold}} .jsonl file, and any "
@@ -106,23 +116,34 @@ def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: Optio
     report = {}
     for lm_name, name in names.items():
         row = results["results"][lm_name]
-        counts = results.get("n-samples", {}).get(lm_name, {})  # groups of lm-eval tasks have no count of their own
-        entry = {"task": lm_name, "docs": counts.get("effective"), "docs_available": counts.get("original")}
+        entry = {"task": lm_name, **_doc_counts(results, lm_name)}
         for metric in ("acc", "acc_norm"):
             if f"{metric},none" in row:
                 entry[metric] = float(row[f"{metric},none"])
-                entry[f"{metric}_stderr"] = float(row[f"{metric}_stderr,none"])
+                # lm-eval writes "N/A" where a stderr is undefined (a single document).
+                stderr = row.get(f"{metric}_stderr,none")
+                entry[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
         if log_samples:
             entry["samples"] = results["samples"][lm_name]
         report[name] = entry
     return report
 
 
+def _doc_counts(results: dict, lm_name: str) -> dict:
+    """Documents scored and available; a group of lm-eval tasks has no count of its own, so its subtasks' add up."""
+    counts = results.get("n-samples", {})
+    members = results.get("group_subtasks", {}).get(lm_name) or [lm_name]
+    if not all(name in counts for name in members):
+        return {"docs": None, "docs_available": None}
+    return {"docs": sum(counts[name]["effective"] for name in members),
+            "docs_available": sum(counts[name]["original"] for name in members)}
+
+
 def check_task_inputs(tasks: Sequence[str], data_dir: Optional[str]) -> None:
     """Refuse a missing data folder or a malformed .jsonl task file before minutes go into loading and scoring."""
     from .local_data import load_multiple_choice_jsonl
 
-    if any(task in LOCAL_TASKS for task in tasks):
+    if any(_local_name(task) for task in tasks):
         resolve_data_dir(data_dir)
     for task in tasks:
         if task.endswith(".jsonl"):

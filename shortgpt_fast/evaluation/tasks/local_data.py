@@ -5,6 +5,7 @@ the metadata as `data_dir`, so the YAMLs only name paths relative to it and noth
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Optional
 
@@ -33,10 +34,14 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return read_jsonl_rows(path, required, error=TaskDataError)
 
 
-def _dataset(split: str, rows: list[dict]):
+def _datasets(splits: dict[str, list[dict]]):
     import datasets
 
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in splits.items()})
+
+
+def _dataset(split: str, rows: list[dict]):
+    return _datasets({split: rows})
 
 
 def load_piqa(data_files: dict, data_dir: Optional[str] = None, **_metadata):
@@ -66,3 +71,31 @@ def load_multiple_choice_jsonl(data_files: dict, data_dir: Optional[str] = None,
         if not isinstance(gold, int) or not 0 <= gold < len(choices):
             raise TaskDataError(f"{path} example {line_no}: 'gold' must be an index into its {len(choices)} choices")
     return _dataset(split, [{"query": r["query"], "choices": r["choices"], "gold": r["gold"]} for r in rows])
+
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def _read_mmlu_csv(path: Path) -> list[dict]:
+    """One MMLU question per row, no header: question, the four choices, then the answer letter."""
+    rows = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row_no, row in enumerate(csv.reader(handle), 1):
+            if len(row) != 6:
+                raise TaskDataError(f"{path} row {row_no} has {len(row)} fields; MMLU rows are a question, "
+                                    "4 choices and an answer letter")
+            answer = row[5].strip()
+            if answer not in MMLU_LETTERS:
+                raise TaskDataError(f"{path} row {row_no}: answer {answer!r} is not one of A, B, C, D")
+            rows.append({"question": row[0], "choices": row[1:5], "answer": MMLU_LETTERS.index(answer)})
+    if not rows:
+        raise TaskDataError(f"{path} holds no questions")
+    return rows
+
+
+def load_mmlu(subject: str, data_dir: Optional[str] = None, **_metadata):
+    """One MMLU subject in the original CSV release (Hendrycks et al. 2021): `dev` (the 5 few-shot examples) from
+    mmlu/dev/{subject}_dev.csv and `validation` (the questions scored) from mmlu/val/{subject}_val.csv, as
+    {question, choices: [4 str], answer: 0-3} rows like lm-eval's own `mmlu` tasks read from the hub."""
+    return _datasets({split: _read_mmlu_csv(_resolve(data_dir, f"mmlu/{folder}/{subject}_{folder}.csv"))
+                      for split, folder in (("dev", "dev"), ("validation", "val"))})
