@@ -269,6 +269,10 @@ class _BlockPlan:
     groups: list = field(default_factory=list)  # [(start, stop)] of the experts module's experts
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3f} MB"
+
+
 def _plan_blocks(weights: StreamedWeights, budget: int) -> list[_BlockPlan]:
     """Whole blocks where two fit in the budget (this one and the next, loading); otherwise the block less its routed
     experts plus groups of experts, so that it, the group computing and the group loading fit together."""
@@ -282,21 +286,21 @@ def _plan_blocks(weights: StreamedWeights, budget: int) -> list[_BlockPlan]:
         found = experts_modules(block)
         if len(found) != 1:
             what = "has no routed experts to load in groups" if not found else "has several experts modules"
-            raise StreamingError(f"block {layer} needs {size / 1e9:.2f} GB and {what}, but only half the memory "
-                                 f"budget ({half / 1e9:.2f} GB of {budget / 1e9:.2f} GB) may hold one block; raise "
-                                 "--memory-budget")
+            raise StreamingError(f"block {layer} needs {_size(size)} and {what}, but only half the memory budget "
+                                 f"({_size(half)} of {_size(budget)}) may hold one block; raise --memory-budget to "
+                                 f"at least {_size(2 * size)}")
         name, module = found[0]
         if not hasattr(module, "_is_expert_parallel"):
-            raise StreamingError(f"block {layer} needs {size / 1e9:.2f} GB and its experts ({type(module).__name__}) "
-                                 "do not take transformers' expert-parallel routing, so they cannot run in groups; "
-                                 f"raise --memory-budget above {2 * size / 1e9:.2f} GB")
+            raise StreamingError(f"block {layer} needs {_size(size)} and its experts ({type(module).__name__}) do not "
+                                 "take transformers' expert-parallel routing, so they cannot run in groups; raise "
+                                 f"--memory-budget to at least {_size(2 * size)}")
         rest = weights.without_experts_bytes(layer, [name])
         per_expert = weights.expert_bytes(layer, name, module.num_experts)
         group = (half - rest) // per_expert if per_expert else module.num_experts
         if group < 1:
-            raise StreamingError(f"block {layer} less its experts ({rest / 1e9:.2f} GB) plus one expert "
-                                 f"({per_expert / 1e9:.3f} GB) exceed half the memory budget ({half / 1e9:.2f} GB); "
-                                 f"raise --memory-budget to at least {2 * (rest + per_expert) / 1e9:.2f} GB")
+            raise StreamingError(f"block {layer} less its experts ({_size(rest)}) plus one expert ({_size(per_expert)}) "
+                                 f"exceed half the memory budget ({_size(half)}); raise --memory-budget to at least "
+                                 f"{_size(2 * (rest + per_expert))}")
         group = min(group, module.num_experts)
         plans.append(_BlockPlan(layer, name, [(a, min(a + group, module.num_experts))
                                               for a in range(0, module.num_experts, group)]))

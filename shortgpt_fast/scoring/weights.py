@@ -328,13 +328,13 @@ def _nbytes(template: torch.Tensor) -> int:
 
 def experts_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name in the block, module) of each routed-experts module: transformers' fused experts, whose parameters all
-    lead with the expert dimension (`num_experts`)."""
+    lead with the expert dimension (`num_experts`), at least one of them 3-D (a router's weight is 2-D)."""
     found = []
     for name, module in block.named_modules():
         count = getattr(module, "num_experts", None)
         params = list(module.named_parameters(recurse=False))
-        if isinstance(count, int) and count > 1 and params and all(p.dim() >= 2 and p.shape[0] == count
-                                                                    for _, p in params):
+        if (isinstance(count, int) and count > 1 and any(p.dim() == 3 for _, p in params)
+                and all(p.dim() >= 2 and p.shape[0] == count for _, p in params)):
             found.append((name, module))
     return found
 
