@@ -689,6 +689,11 @@ def apply_to_config(config: Any, removed: Sequence[int]) -> dict[int, int]:
     Nothing is changed when config surgery refuses, so a failed prune leaves the config as it was.
     """
     before = config.to_dict()
+    # Remote-code configs (Baichuan-style) may store the count under their own name and expose the standard one only
+    # through attribute_map; the live config says which, and setting the standard name writes the real field.
+    alias = (getattr(type(config), "attribute_map", None) or {}).get("num_hidden_layers")
+    if alias and not _has_count(before) and _is_int(before.get(alias)):
+        before = dict(before, num_hidden_layers=before[alias])
     num_layers = layer_count(before) if _has_count(before) else None
     after = prune_config_dict(before, removed, num_layers)
     changed = [key for key, value in after.items() if before.get(key) != value]
