@@ -10,6 +10,7 @@ void register_bi_reduce(py::module_& m);
 #ifdef SGF_WITH_SURGERY
 void register_file_io(py::module_& m);
 void register_safetensors_surgery(py::module_& m);
+void register_gguf(py::module_& m);
 #endif
 
 PYBIND11_MODULE(_C, m) {
@@ -19,5 +20,6 @@ PYBIND11_MODULE(_C, m) {
     // Linux-only (setup.py compiles it there); elsewhere shortgpt_fast/_native.py explains that surgery needs Linux.
     register_file_io(m);  // first: the engines' error types derive from its FileFormatError
     register_safetensors_surgery(m);
+    register_gguf(m);
 #endif
 }
