@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -23,12 +21,19 @@ from .surgery.in_memory import prune_model
 CalibrationSource = Union[None, str, torch.Tensor, CalibrationSet]
 
 
-def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map=None):
+class ReportError(ShortGPTError):
+    """A `score` report that cannot be used: missing, not JSON, not ours, or scored on another model."""
+
+
+def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map=None,
+         trust_remote_code: bool = False):
     """(model, tokenizer) for a checkpoint folder, hub id or alias such as 'smollm2-135m'.
 
     device_map (accelerate's, e.g. "auto") spreads one model over several GPUs instead of placing it on `device`.
+    trust_remote_code=True (off by default; warns) runs a checkpoint's own modeling code (auto_map, e.g. Baichuan).
     """
-    net, tokenizer, _ = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    net, tokenizer, _ = load_model(model, device=device, dtype=dtype, device_map=device_map,
+                                   trust_remote_code=trust_remote_code)
     return net, tokenizer
 
 
@@ -78,7 +83,7 @@ def score(
     seed: int = 0,
     padding: Optional[str] = None,
     attention_mask: Optional[torch.Tensor] = None,
-    angular_span: int = 8,
+    angular_span: Union[int, str] = 8,
     device: str = "cpu",
     dtype: str = "float32",
     text_field: str = "text",
@@ -86,6 +91,9 @@ def score(
     streamed: Optional[bool] = None,
     activation_budget: Optional[int] = None,
     device_map=None,
+    metrics: Sequence[str] = (),
+    quantize: Optional[str] = None,
+    trust_remote_code: bool = False,
 ) -> Scores:
     """Score every block of `model` on calibration `data`; returns per-layer metrics, CIs and rankings.
 
@@ -95,11 +103,20 @@ def score(
 
     model: a path, alias or loaded nn.Module; data: anything `calibration_set` takes. Returns a Scores.
     Example: scores = score("path/to/model", "my_texts/", samples=8); scores.select("bi", 3).
-    Raises ValueError for streamed=True with a loaded module or with device_map; loading, calibration and scoring
+    angular_span="all" keeps the distance of every (start, span): Scores.span_map(). metrics names user metrics
+    (sf.register_metric) computed beside the built-in ones. quantize="nf4" (bitsandbytes) or "int4" (torchao) scores a
+    4-bit copy of the model (evaluation/quantize.py, as `eval --quantize`). trust_remote_code as in `load`.
+
+    Raises ValueError for streamed=True with a loaded module, with device_map, with metrics, quantize or
+    trust_remote_code; loading, calibration and scoring
     refusals surface as their own ShortGPTError subclasses (ModelLoadError, CalibrationError, ScoringError).
     """
-    from .scoring.distributed import scored_in_shares
+    from .scoring.distributed import init_from_environment, launched_by_torchrun, scored_in_shares
 
+    if launched_by_torchrun():
+        # Under torchrun every rank runs this same call: join the process group here, so an embedding tool gets the
+        # data-parallel run without setting torch.distributed up itself.
+        device = init_from_environment(device)
     timings = {}
     started = time.perf_counter()
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
@@ -107,6 +124,16 @@ def score(
         raise ValueError("streamed scoring reads the checkpoint itself; pass the model as a path or alias")
     if device_map is not None and streamed:
         raise ValueError("device_map spreads a loaded model over GPUs; streamed scoring loads one block at a time")
+    in_memory_only = [flag for flag, on in (("metrics", metrics), ("quantize", quantize),
+                                            ("trust_remote_code", trust_remote_code)) if on]
+    if in_memory_only and streamed:
+        raise ValueError(f"{in_memory_only[0]} needs the model in memory; streamed scoring does not support it yet")
+    if in_memory_only:
+        streamed = False
+    if quantize is not None:
+        from .evaluation.quantize import require_backend
+
+        require_backend(quantize)  # before minutes go into loading
     if isinstance(model, str) and streamed is None and device_map is None:
         from .scoring.streamed import streaming_decision
 
@@ -130,14 +157,21 @@ def score(
         model_dtype, model_device = str(DTYPES[dtype]), str(device)
     else:
         if isinstance(model, str):
-            model, loaded_tokenizer = load(model, device=device, dtype=dtype, device_map=device_map)
+            model, loaded_tokenizer = load(model, device=device, dtype=dtype, device_map=device_map,
+                                           trust_remote_code=trust_remote_code)
             tokenizer = tokenizer or loaded_tokenizer
             timings["load_s"] = time.perf_counter() - started
         net = model
+        if quantize is not None:
+            from .evaluation.quantize import quantize as quantize_4bit
+
+            quantize_started = time.perf_counter()
+            net = quantize_4bit(net, quantize)  # a 4-bit copy; the model passed in is left as it is
+            timings["quantize_s"] = time.perf_counter() - quantize_started
 
         def score_share(share):
             return collect_layer_stats(net, share, batch_size=batch_size, angular_span=angular_span,
-                                       progress=progress)
+                                       progress=progress, metrics=metrics)
 
         model_dtype, model_device = str(next(net.parameters()).dtype), str(next(net.parameters()).device)
     calib_started = time.perf_counter()
@@ -148,6 +182,8 @@ def score(
     timings["scoring_s"] = stats.seconds
     timings["tokens_per_s"] = calib.num_tokens / stats.seconds if stats.seconds > 0 else float("nan")
     settings = dict(calib.description, batch_size=batch_size, dtype=model_dtype, device=model_device)
+    if quantize is not None:
+        settings["quantize"] = quantize
     if streamed:
         settings["streamed"] = True
         timings.update({f"streamed_{k}": v for k, v in streaming_info.items() if k.endswith("_s")})
@@ -180,6 +216,79 @@ def cut(checkpoint: Union[str, Path], layers: Union[str, Sequence[int]], out: Un
                           chosen_by=chosen_by)
 
 
+def choose_layers(num_layers: int, *, layers: Union[str, Sequence[int], None] = None, remove: Optional[int] = None,
+                  ratio: Optional[float] = None, metric: str = "bi", scores: Optional[Scores] = None,
+                  report: Optional[dict] = None) -> list[int]:
+    """The layers to remove: explicit `layers` (a list or text such as "21-25,28", original numbering), or the
+    `remove` / `ratio` count taken from the `metric` ranking of `scores` or of a saved `report`.
+
+    Returns a sorted list[int]. Example: choose_layers(32, ratio=0.25, scores=scores) -> 8 layers by BI.
+    Raises SelectionError for impossible counts or metrics, LayerSpecError for bad layer text.
+    """
+    from .models.config_surgery import parse_layers, validate_layers
+    from .scoring.report import SelectionError, removal_count, select_from_report
+
+    if layers is not None:
+        return sorted(validate_layers(parse_layers(layers, num_layers), num_layers))
+    n = removal_count(num_layers, remove, ratio)
+    if scores is not None:
+        return sorted(scores.select(metric, n))
+    if report is not None:
+        return sorted(select_from_report(report, metric, n))
+    raise SelectionError("choosing layers by a metric needs scores or a saved report; pass scores= or report=")
+
+
+def read_report(path: Union[str, Path], model: Optional[str] = None) -> dict:
+    """A `score` report (JSON) read back; with `model`, also checked to score that model.
+
+    A report scored on another model would name layers of a different network (a 30-layer report once pruned a
+    4-layer model), so the layer count must match the model's config and, for a local checkpoint, the report's
+    block path must exist among its tensor names. Raises ReportError with the command that writes a fitting report.
+    """
+    from .models.loading import config_layer_count
+
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ReportError(f"report {path} does not exist; run `shortgpt-fast score MODEL --out {path}` first") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"report {path} is not valid JSON ({getattr(err, 'msg', err)}); rerun `shortgpt-fast "
+                          "score`") from None
+    if not isinstance(report, dict) or any(key not in report for key in ("num_layers", "ranking")):
+        raise ReportError(f"report {path} has no num_layers/ranking; it was not written by `shortgpt-fast score`")
+    if model is None:
+        return report
+    count = report.get("num_layers")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ReportError(f"report {path} has no valid num_layers; rerun `shortgpt-fast score`")
+    rescore = f"score this model with `shortgpt-fast score {model} --out REPORT`"
+    actual = config_layer_count(model)
+    if actual != count:
+        raise ReportError(f"report {path} scores a {count}-layer model ({report.get('model')!r:.80}) but {model} "
+                          f"has {actual} layers; {rescore}")
+    block_path = report.get("block_path")
+    names = _local_tensor_names(model)
+    if isinstance(block_path, str) and names is not None and \
+            not any(n.startswith(block_path + ".") or n.startswith("model." + block_path + ".") for n in names):
+        raise ReportError(f"report {path} scores blocks at {block_path!r:.80}, which {model} does not have; {rescore}")
+    return report
+
+
+def _local_tensor_names(model: str) -> Optional[list]:
+    """Tensor names of a local safetensors checkpoint from its index or header alone; None for aliases and hub ids
+    (no cheap listing) and for folders whose names cannot be read (the layer-count check then stands alone)."""
+    from .io.safetensors import read_weight_map
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    try:
+        weight_map = read_weight_map(folder)
+    except (OSError, ValueError):
+        return None
+    return None if weight_map is None else list(weight_map)
+
+
 def write_report(scores: Scores, report_path: Path, removed=None) -> None:
     """report.json (the stable JSON schema of Scores.to_dict) and report.png beside it."""
     from .scoring.plot import plot_scores
@@ -189,74 +298,70 @@ def write_report(scores: Scores, report_path: Path, removed=None) -> None:
     plot_scores(scores, report_path.with_suffix(".png"), removed=removed)
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """The one "new or empty output folder" rule of every command that writes a folder.
-
-    out_dir: a Path; returns None when it does not exist or is an empty folder.
-    Raises ShortGPTError when it exists and is a file or a non-empty folder, so nothing is ever overwritten.
-    """
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ShortGPTError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
-
-
 def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=None, loaded=None,
                  report: Optional[dict] = None, verify: bool = True) -> dict:
-    """Write OUT_DIR as a standard checkpoint without `layers`, plus report.json and a model card.
+    """Write OUT_DIR as a standard checkpoint without `layers`, plus report.json (and report.png when `scores` are
+    given) and a model card stating the removal once.
 
-    Local checkpoint folders go through checkpoint surgery (no model load); anything else is pruned in memory.
-    Everything is staged beside OUT_DIR and renamed at the end, so a failure leaves no half-written folder.
+    Local checkpoint folders go through checkpoint surgery (no model load; never a silent fallback to loading: on a
+    70B checkpoint that would be an OOM); anything else is pruned in memory. Either way the folder is staged beside
+    OUT_DIR with the report inside and renamed at the end (io/durable.py), so a failure leaves no half-written folder.
     Returns the report written as report.json, with "engine" naming the path taken.
 
     Example: prune_to_dir("ckpt/", Path("ckpt-pruned"), [21, 22, 25], "manual")
     """
-    from .models.config_surgery import index_map, layer_count
-    from .models.loading import is_local_checkpoint, resolve_model_path
+    from .io.durable import check_out_dir, staged_folder
+    from .models.loading import config_layer_count, is_local_checkpoint, resolve_model_path
     from .surgery.model_card import removal_section
 
+    out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging = staging_root / "out"
-    try:
-        engine = "in-memory"
-        if is_local_checkpoint(model):
-            # Never a silent fallback to loading the whole model: on a 70B checkpoint that is an OOM, so a missing
-            # extension is an error that says how to get it.
-            from .surgery.checkpoint import cut_checkpoint
+    if scores is not None:
+        num_layers = scores.num_layers
+    elif report is not None and isinstance(report.get("num_layers"), int):
+        num_layers = report["num_layers"]
+    else:
+        num_layers = config_layer_count(model)
+    files, report_dict = _report_files(model, layers, metric, num_layers, scores, report)
+    if is_local_checkpoint(model):
+        from .surgery.checkpoint import cut_checkpoint
 
-            cut_checkpoint(resolve_model_path(model), layers, out=str(staging), check=verify, chosen_by=metric)
-            engine = "checkpoint-surgery"
-        else:
-            if loaded is None:
-                loaded = load(model)
-            net, tokenizer = loaded
-            from .surgery.in_memory import prune_model
-
-            prune_model(net, layers, verify=verify)
-            net.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-        num_layers = scores.num_layers if scores is not None else None
-        if num_layers is None:
-            num_layers = len(layers) + layer_count(json.loads((staging / "config.json").read_text()))
-        mapping = index_map(layers, num_layers)
-        if scores is not None:
-            scores.mark_removed(layers, metric, mapping)
-            write_report(scores, staging / "report.json", removed=layers)
-            report_dict = scores.to_dict()
-        else:
-            report_dict = dict(report or {"model": model, "num_layers": num_layers})
-            report_dict.update({"removed": sorted(layers), "removal_metric": metric,
-                                "index_map": {str(k): v for k, v in mapping.items()}})
-            (staging / "report.json").write_text(json.dumps(report_dict, indent=1))
-        report_dict["engine"] = engine
-        if engine == "in-memory":
-            # The cut wrote its card already (the source's card plus the removal, once); save_pretrained writes none.
-            (staging / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,
+        cut_checkpoint(resolve_model_path(model), layers, out=out_dir, check=verify, chosen_by=metric,
+                       extra_files=files)
+        report_dict["engine"] = "checkpoint-surgery"
+        return report_dict
+    net, tokenizer = loaded if loaded is not None else load(model)
+    prune_model(net, layers, verify=verify)
+    with staged_folder(out_dir) as staged:
+        net.save_pretrained(staged.path)
+        tokenizer.save_pretrained(staged.path)
+        for name, data in files.items():
+            (staged.path / name).write_bytes(data)
+        # save_pretrained writes no card; the cut path's card is the source's plus the removal, stated once.
+        (staged.path / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,
                                                                source=model, report=True))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
+    report_dict["engine"] = "in-memory"
     return report_dict
+
+
+def _report_files(model: str, layers: list, metric: str, num_layers: int, scores, report) -> tuple[dict, dict]:
+    """({file name: bytes}, report dict) of the report a pruned folder carries: the scores with the cut marked, or
+    the reused report (or a minimal one) with the removal added."""
+    import io as bytes_io
+
+    from .models.config_surgery import index_map
+
+    mapping = index_map(layers, num_layers)
+    if scores is not None:
+        from .scoring.plot import plot_scores
+
+        scores.mark_removed(layers, metric, mapping)
+        report_dict = scores.to_dict()
+        png = bytes_io.BytesIO()
+        plot_scores(scores, png, removed=layers)
+        files = {"report.json": json.dumps(report_dict, indent=1).encode(), "report.png": png.getvalue()}
+        return files, report_dict
+    report_dict = dict(report or {"model": model, "num_layers": num_layers})
+    report_dict.update({"removed": sorted(layers), "removal_metric": metric,
+                        "index_map": {str(k): v for k, v in mapping.items()}})
+    return {"report.json": json.dumps(report_dict, indent=1).encode()}, report_dict

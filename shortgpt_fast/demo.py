@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,7 +18,7 @@ def _count_params(model) -> int:
 
 def _ppl_tokens(tokenizer, max_tokens: int) -> tuple[torch.Tensor, str]:
     from .data import calibration
-    from .evaluation.perplexity import wikitext2_test_path
+    from .evaluation.data_dir import wikitext2_test_path
 
     path = wikitext2_test_path()
     if path is not None:
@@ -29,48 +30,58 @@ def _ppl_tokens(tokenizer, max_tokens: int) -> tuple[torch.Tensor, str]:
     return calibration.heldout_tokens(tokenizer, docs)[:max_tokens], f"held-out tail of {name}"
 
 
-def run_demo(args) -> int:
-    from .api import load, prune_to_dir
-    from .cli import _score_from_args, format_layer_table
+def run_demo(model_name: str, out_dir: Path, *, ratio: float = 0.25, metric: str = "bi", calib=None,
+             score_kwargs: Optional[dict] = None, ppl_tokens: int = 4096, ppl_window: int = 512) -> dict:
+    """Score `model_name`, write it pruned by `ratio` to `out_dir` (replacing only a folder an earlier demo wrote),
+    and print dense vs pruned parameters, perplexity and prefill speed. Returns the summary it saves as JSON.
+
+    score_kwargs: api.score keyword arguments (samples, seq_len, device, dtype, progress, ...).
+    """
+    from .api import load, prune_to_dir, score
     from .evaluation.perplexity import perplexity
-    from .evaluation.throughput import prefill_tokens_per_second
+    from .evaluation.throughput import prefill_throughput
+    from .scoring.layer_table import format_layer_table
     from .scoring.report import removal_count
 
+    kwargs = dict(score_kwargs or {})
+    kwargs.pop("streamed", None)  # the demo loads the model once and scores it in memory
+    device, dtype = kwargs.get("device", "cpu"), kwargs.get("dtype", "float32")
+    seq_len, samples, progress = kwargs.get("seq_len", 256), kwargs.get("samples", 32), kwargs.get("progress", True)
     started = time.perf_counter()
-    out_dir = Path(args.out_dir)
+    out_dir = Path(out_dir)
     if out_dir.exists():
         if not (out_dir / DEMO_MARKER).exists():
             raise ValueError(f"{out_dir} exists and was not written by the demo; pass --out-dir NEW_FOLDER")
         shutil.rmtree(out_dir)
 
-    print(f"[1/5] loading {args.model}")
-    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
-    print(f"[2/5] scoring {args.samples} x {args.seq_len} calibration tokens")
-    scores = _score_from_args(args, model=model, tokenizer=tokenizer)
-    scores.model = args.model
-    n_remove = removal_count(scores.num_layers, ratio=args.ratio)
-    layers = scores.select(args.metric, n_remove)
+    print(f"[1/5] loading {model_name}")
+    model, tokenizer = load(model_name, device=device, dtype=dtype)
+    print(f"[2/5] scoring {samples} x {seq_len} calibration tokens")
+    scores = score(model, calib, tokenizer=tokenizer, **kwargs)
+    scores.model = model_name
+    n_remove = removal_count(scores.num_layers, ratio=ratio)
+    layers = scores.select(metric, n_remove)
 
     print("[3/5] evaluating the dense model")
-    ppl_ids, ppl_source = _ppl_tokens(tokenizer, args.ppl_tokens)
-    window = min(args.ppl_window, ppl_ids.numel())
+    ppl_ids, ppl_source = _ppl_tokens(tokenizer, ppl_tokens)
+    window = min(ppl_window, ppl_ids.numel())
     dense = {
         "params": _count_params(model),
-        "ppl": perplexity(model, ppl_ids, window=window, stride=window // 2, progress=not args.quiet)["ppl"],
-        "prefill": prefill_tokens_per_second(model, seq_len=args.seq_len)["tokens_per_s"],
+        "ppl": perplexity(model, ppl_ids, window=window, stride=window // 2, progress=progress)["ppl"],
+        "prefill": prefill_throughput(model, seq_len=seq_len)["tokens_per_s"],
     }
     del model
 
     print(f"[4/5] removing layers {layers} and writing {out_dir}")
-    report = prune_to_dir(args.model, out_dir, layers, args.metric, scores=scores)
+    report = prune_to_dir(model_name, out_dir, layers, metric, scores=scores)
     (out_dir / DEMO_MARKER).write_text("written by `shortgpt-fast demo`; the next demo run replaces this folder\n")
 
     print("[5/5] evaluating the pruned checkpoint, reloaded from disk")
-    pruned_model, _ = load(str(out_dir), device=args.device, dtype=args.dtype)
+    pruned_model, _ = load(str(out_dir), device=device, dtype=dtype)
     pruned = {
         "params": _count_params(pruned_model),
-        "ppl": perplexity(pruned_model, ppl_ids, window=window, stride=window // 2, progress=not args.quiet)["ppl"],
-        "prefill": prefill_tokens_per_second(pruned_model, seq_len=args.seq_len)["tokens_per_s"],
+        "ppl": perplexity(pruned_model, ppl_ids, window=window, stride=window // 2, progress=progress)["ppl"],
+        "prefill": prefill_throughput(pruned_model, seq_len=seq_len)["tokens_per_s"],
     }
 
     print()
@@ -80,10 +91,10 @@ def run_demo(args) -> int:
         ("layers", f"{scores.num_layers}", f"{scores.num_layers - len(layers)}"),
         ("parameters", f"{dense['params'] / 1e6:.2f} M", f"{pruned['params'] / 1e6:.2f} M"),
         (f"perplexity ({ppl_ids.numel()} tokens)", f"{dense['ppl']:.2f}", f"{pruned['ppl']:.2f}"),
-        (f"prefill tokens/s (1 x {args.seq_len})", f"{dense['prefill']:.0f}", f"{pruned['prefill']:.0f}"),
+        (f"prefill tokens/s (1 x {seq_len})", f"{dense['prefill']:.0f}", f"{pruned['prefill']:.0f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"model: {args.model}   metric: {args.metric}   removed ({len(layers)}): {layers}")
+    print(f"model: {model_name}   metric: {metric}   removed ({len(layers)}): {layers}")
     print(f"perplexity text: {ppl_source}")
     stability = report.get("rank_stability") or {}
     if stability:
@@ -92,9 +103,9 @@ def run_demo(args) -> int:
     print(f"{'':<{width}}  {'dense':>12}  {'pruned':>12}")
     for name, before, after in rows:
         print(f"{name:<{width}}  {before:>12}  {after:>12}")
-    summary = {"model": args.model, "removed": layers, "metric": args.metric, "dense": dense, "pruned": pruned,
+    summary = {"model": model_name, "removed": layers, "metric": metric, "dense": dense, "pruned": pruned,
                "ppl_source": ppl_source, "ppl_tokens": int(ppl_ids.numel()),
                "seconds": round(time.perf_counter() - started, 1)}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out_dir} (checkpoint, report.json, report.png, demo_summary.json) in {summary['seconds']} s")
-    return 0
+    return summary

@@ -20,7 +20,7 @@ from test_checkpoint_surgery import _load_checked, _logits, _reference_logits, _
 from test_checkpoint_surgery_extra import _FORK_WORKER
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from shortgpt_fast.surgery import checkpoint as surgery
+from shortgpt_fast.surgery import cut_in_place as surgery
 from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, build_plan, cut_checkpoint
 
 # Tests of the surgery engine itself; without the extension (SHORTGPT_FAST_SKIP_CPP=1, or off Linux) they skip.

@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
-from shortgpt_fast.surgery import checkpoint as surgery
-from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, add_cut_subcommand, cut_checkpoint
+from shortgpt_fast.cli.cut import add_parser as add_cut_parser
+from shortgpt_fast.surgery import cut_in_place as surgery
+from shortgpt_fast.io.durable import OutputFolderError
+from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, cut_checkpoint
 
 try:
     from shortgpt_fast.surgery.in_memory import prune_model
@@ -426,7 +428,7 @@ def test_out_dir_must_be_new_or_empty(hand_sharded, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(SurgeryError, match="not an empty directory"):
+    with pytest.raises(OutputFolderError, match="already exists and is not empty"):
         cut_checkpoint(src, [1], out=busy)
     assert (busy / "keep.txt").read_text() == "x"
     (tmp_path / "empty").mkdir()
@@ -449,7 +451,7 @@ def test_in_place_refuses_hard_linked_shards(hand_sharded, tmp_path):
 def test_cli_subcommand(hand_sharded, tmp_path, capsys):
     src, golden = hand_sharded
     parser = argparse.ArgumentParser()
-    add_cut_subcommand(parser.add_subparsers(dest="command"))
+    add_cut_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["cut", str(src), "--layers", "1,3", "--out", str(tmp_path / "cli"), "--verify"])
     assert args.func(args) == 0
     assert "removed layers [1, 3]" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
 from shortgpt_fast.models import config_surgery
 from shortgpt_fast.models.architectures import find_block_stack, renamed_tensor
 from shortgpt_fast.models.identity_oracle import identity_logits
-from shortgpt_fast.surgery import checkpoint, in_memory
+from shortgpt_fast.surgery import in_memory, plan
 from shortgpt_fast.surgery.checkpoint import SurgeryError, cut_checkpoint
 from shortgpt_fast.surgery.in_memory import prune_model
 from shortgpt_fast.surgery.verify_structure import (
@@ -62,7 +62,7 @@ def _forgetful_surgery(real):
 def test_planted_pattern_error_is_refused_before_the_cut_writes(tmp_path, monkeypatch):
     src = tmp_path / "src"
     _gemma3().save_pretrained(src)
-    monkeypatch.setattr(checkpoint, "prune_config_dict", _forgetful_surgery(config_surgery.prune_config_dict))
+    monkeypatch.setattr(plan, "prune_config_dict", _forgetful_surgery(config_surgery.prune_config_dict))
     out = tmp_path / "out"
     with pytest.raises(SurgeryError, match=r"layer \d+ \(new index \d+\) would change: .*(sliding|type)") as err:
         cut_checkpoint(src, REMOVED, out=out)
@@ -77,7 +77,7 @@ def test_planted_pattern_error_is_refused_in_place_and_the_folder_is_untouched(t
     src = tmp_path / "src"
     _gemma3().save_pretrained(src)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    monkeypatch.setattr(checkpoint, "prune_config_dict", _forgetful_surgery(config_surgery.prune_config_dict))
+    monkeypatch.setattr(plan, "prune_config_dict", _forgetful_surgery(config_surgery.prune_config_dict))
     with pytest.raises(SurgeryError, match="would change"):
         cut_checkpoint(src, REMOVED, in_place=True)
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before

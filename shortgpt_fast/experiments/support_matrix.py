@@ -12,7 +12,6 @@ built tiny is listed as untested with the reason, never dropped. `shortgpt-fast 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -785,8 +784,20 @@ def _takes_cache(model) -> bool:
     return "use_cache" in inspect.signature(model.forward).parameters
 
 
-def run_all(names=None) -> list[Result]:
-    return [run_model_type(name) for name in (names or rows())]
+def run_all(names=None, on_row=None) -> list[Result]:
+    """Rows `names` (default: all), in order; `on_row(result)` is called as each finishes.
+
+    Raises ValueError naming unknown rows before any runs."""
+    names = list(names or rows())
+    unknown = [n for n in names if n not in rows()]
+    if unknown:
+        raise ValueError(f"unknown model type(s) {unknown}; `shortgpt-fast archs --list` shows the rows")
+    results = []
+    for name in names:
+        results.append(run_model_type(name))
+        if on_row is not None:
+            on_row(results[-1])
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -829,46 +840,12 @@ def readme_rows(readme_text: str) -> dict[str, str]:
     return out
 
 
+def write_readme_table(readme: Path, table: str) -> None:
+    """Replace the table between the archs markers of `readme` with `table`."""
+    readme.write_text(with_readme_table(readme.read_text(), table))
+
+
 def with_readme_table(readme_text: str, table: str) -> str:
     head, rest = readme_text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     return f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}"
-
-
-def _run_archs_command(args: argparse.Namespace) -> int:
-    names = args.type or list(rows())
-    unknown = [n for n in names if n not in rows()]
-    if unknown:
-        raise ValueError(f"unknown model type(s) {unknown}; `shortgpt-fast archs --list` shows the rows")
-    if args.list:
-        print("\n".join(rows()))
-        return 0
-    results = []
-    for name in names:
-        result = run_model_type(name)
-        results.append(result)
-        if args.verbose:
-            print(f"{name}: {result.outcome} ({result.seconds:.1f} s)", flush=True)
-    table = format_table(results)
-    print(table)
-    if args.write_readme:
-        if args.type:
-            raise ValueError("--write-readme records the whole matrix; drop --type")
-        path = Path(args.write_readme)
-        path.write_text(with_readme_table(path.read_text(), table))
-    return 0
-
-
-def add_archs_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "archs", help="run every causal-LM model type through score/prune/reload/cut/generate and print the table",
-        description="Build a tiny random model of every causal-LM model type the installed transformers ships, run "
-                    "the whole pipeline on it and judge each step against the original model with the removed "
-                    "blocks as identity. Each cell is ✔, a refusal, WRONG (a silent mismatch) or the failure.")
-    p.add_argument("--type", action="append", metavar="T",
-                   help="only this row (model type, or a variant such as 'falcon_h1 (5 layers)'); repeatable")
-    p.add_argument("--list", action="store_true", help="list the rows and exit")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each row's outcome and time as it finishes")
-    p.add_argument("--write-readme", metavar="README", help="also replace the table between the archs markers")
-    p.set_defaults(func=_run_archs_command)
-    return p

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,34 @@ logging.getLogger("torch.utils._pytree").addFilter(_TorchaoImportNoise())
 
 class ModelLoadError(ShortGPTError):
     pass
+
+
+class RemoteCodeWarning(UserWarning):
+    """trust_remote_code=True: the checkpoint's own Python files run in this process."""
+
+
+def _warn_remote_code(path: str) -> None:
+    warnings.warn(f"trust_remote_code=True runs the Python code shipped with {path} in this process; use it only "
+                  "for a checkpoint whose code you have read or trust", RemoteCodeWarning, stacklevel=3)
+
+
+def _remote_code_refusal(model: str, err: Exception) -> Optional[ModelLoadError]:
+    # transformers' own message asks an interactive question or names the keyword; ours names the flag.
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(f"{model} ships its own modeling code (auto_map in config.json); if you trust that code, "
+                              "rerun with --trust-remote-code (trust_remote_code=True)")
+    return None
+
+
+def register_remote_classes(net) -> None:
+    """Enter a trusted remote-code model's config and model classes in transformers' Auto mappings, so the proof
+    that rebuilds a pruned config (surgery/verify_structure) and later loads in this process find them."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config_cls, model_type = type(net.config), net.config.model_type
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
+    auto = AutoModelForCausalLM if "AutoModelForCausalLM" in (getattr(net.config, "auto_map", None) or {}) else AutoModel
+    auto.register(config_cls, type(net), exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -141,39 +170,62 @@ def is_local_checkpoint(model: str) -> bool:
     return model in ALIASES or Path(model).expanduser().is_dir()
 
 
-def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_map=None):
-    """Load MODEL for scoring: eval mode, no KV cache, the requested dtype and device."""
+def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_map=None,
+               trust_remote_code: bool = False):
+    """Load MODEL for scoring: eval mode, no KV cache, the requested dtype and device.
+
+    trust_remote_code=True (off by default, warns with RemoteCodeWarning) lets a checkpoint with its own modeling
+    code (an auto_map, e.g. Baichuan) load, and registers its classes so pruning can prove its cut. Without it such a
+    checkpoint is refused with ModelLoadError naming --trust-remote-code.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     path = resolve_model_path(model)
+    if trust_remote_code:
+        _warn_remote_code(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load a config for {model!r}: {one_line(err)}") from None
-    kwargs = {"dtype": DTYPES[dtype]}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _remote_code_refusal(model, err) or ModelLoadError(
+            f"cannot load a config for {model!r}: {one_line(err)}") from None
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
     auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
     net = auto.from_pretrained(path, config=config, **kwargs)
+    if trust_remote_code and getattr(config, "auto_map", None):
+        register_remote_classes(net)
     if device_map is None:
         net = net.to(device)
     net.eval()
-    return net, load_tokenizer(model), path
+    return net, load_tokenizer(model, trust_remote_code=trust_remote_code), path
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, trust_remote_code: bool = False):
     """The tokenizer of a checkpoint folder, alias or hub id, or ModelLoadError in one line."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(model))
+        return AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
+        raise _remote_code_refusal(model, err) or ModelLoadError(
+            f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
 
 
 def _is_causal_lm(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    # A remote-code model names its causal-LM class in auto_map instead of a registered model_type.
+    return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+
+
+def config_layer_count(model: str) -> int:
+    """The layer count from the config alone, without loading weights (local folder, alias or hub id)."""
+    from transformers import AutoConfig
+
+    from .config_surgery import layer_count
+
+    return layer_count(AutoConfig.from_pretrained(resolve_model_path(model)).to_dict())

@@ -146,7 +146,7 @@ def test_unexpected_exception_is_one_line(monkeypatch, capsys):
         raise RuntimeError("deep failure\nsecond line")
 
     parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: parser)
     parser._subparsers._group_actions[0].choices["archs"].set_defaults(func=boom)
     assert main(["archs"]) == 1
     err = capsys.readouterr().err

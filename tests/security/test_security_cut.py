@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from shortgpt_fast.surgery import checkpoint as surgery
+from shortgpt_fast.surgery import cut_in_place as surgery
 from shortgpt_fast.surgery.checkpoint import CUT_RECORD_KEY, JOURNAL_NAME, cut_checkpoint
 
 # The structural proof (verify_structure) builds the model with transformers; these hand-made checkpoints test the
