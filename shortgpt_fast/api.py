@@ -290,12 +290,15 @@ def _local_tensor_names(model: str) -> Optional[list]:
 
 
 def write_report(scores: Scores, report_path: Path, removed=None) -> None:
-    """report.json (the stable JSON schema of Scores.to_dict) and report.png beside it."""
-    from .scoring.plot import plot_scores
+    """report.json (the stable JSON schema of Scores.to_dict) and report.png beside it; with the full span map
+    (angular_span="all") also its heatmap, report_spans.png."""
+    from .scoring.plot import plot_scores, plot_span_map
 
     report_path.parent.mkdir(parents=True, exist_ok=True)
     scores.save(report_path)
     plot_scores(scores, report_path.with_suffix(".png"), removed=removed)
+    if scores.has_span_map:
+        plot_span_map(scores, report_path.with_name(report_path.stem + "_spans.png"))
 
 
 def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=None, loaded=None,

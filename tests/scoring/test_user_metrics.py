@@ -2,6 +2,8 @@
 block inputs and outputs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,16 @@ def test_register_metric_is_exported_lazily():
     import shortgpt_fast as sf
 
     assert sf.register_metric is register_metric
+
+
+def test_api_score_with_user_metrics_and_span_map_writes_the_report(tmp_path):
+    from shortgpt_fast import api
+
+    model = tiny_llama(num_layers=4)
+    scores = api.score(model, random_ids(4, 15), batch_size=2, progress=False, metrics=["euclidean"],
+                       angular_span="all")
+    api.write_report(scores, tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ranking"]["euclidean"] == scores.ranking("euclidean")
+    assert len(report["span_map"]["values"]) == 4
+    assert (tmp_path / "report.png").exists() and (tmp_path / "report_spans.png").exists()
