@@ -25,6 +25,10 @@ from ..evaluation.run import add_evaluation_flags, evaluate_kwargs_from_args
 METHOD_ALIASES = {"relmag": "relative_magnitude", "angular_last": "angular_last_token"}
 DEFAULT_RATIOS = "0,0.1,0.2,0.25,0.3"
 DEFAULT_METHODS = "bi,angular,relmag,reverse,random,last"
+# Not a score ranking but a weight merge (surgery/laco.py), run on calibration sequences of its own.
+MERGE_METHODS = ("laco",)
+# LaCo's similarity is a whole-model forward per candidate merge; the authors used 5 short sentences.
+LACO_SEQUENCES = 8
 # --quantize-order compares two whole pipelines at one setting, so it takes one method and one ratio.
 ORDER_DEFAULT_RATIO = "0.25"
 ORDER_DEFAULT_METHOD = "bi"
@@ -45,10 +49,10 @@ def parse_methods(text: str) -> list[str]:
     from ..scoring.report import METRICS
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if METHOD_ALIASES.get(m, m) not in METRICS]
+    unknown = [m for m in methods if METHOD_ALIASES.get(m, m) not in METRICS and m not in MERGE_METHODS]
     if not methods or unknown:
         raise ValueError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
-                         f"{', '.join(sorted(set(METRICS) | set(METHOD_ALIASES)))}")
+                         f"{', '.join(sorted(set(METRICS) | set(METHOD_ALIASES) | set(MERGE_METHODS)))}")
     return methods
 
 
@@ -60,10 +64,19 @@ def _layers_to_remove(num_layers: int, ratio: float) -> int:
 
 
 def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Sequence[str], eval_kwargs: dict,
-            quantize_method: Optional[str] = None, log=print) -> dict:
+            quantize_method: Optional[str] = None, laco_calibration=None, laco_kwargs: Optional[dict] = None,
+            log=print) -> dict:
     """Evaluate the dense model once and every (method, ratio > 0) on a pruned copy, each quantized first if
-    `quantize_method`; returns the JSON table."""
+    `quantize_method`; returns the JSON table.
+
+    Method "laco" merges instead of removing (surgery/laco.py): its search runs on `laco_calibration` (a
+    CalibrationSet) with `laco_kwargs` (laco.search options) and removes the same number of layers as the others.
+    """
+    from ..surgery import laco
     from ..surgery.in_memory import prune_model
+
+    if "laco" in methods and laco_calibration is None:
+        raise ValueError("method laco needs calibration sequences (laco_calibration) for its similarity search")
 
     def run(net):
         params = sum(p.numel() for p in net.parameters())
@@ -85,10 +98,20 @@ def compare(model, tokenizer, scores, *, ratios: Sequence[float], methods: Seque
                 continue
             if n_remove >= num_layers:
                 raise ValueError(f"ratio {ratio} removes all {num_layers} layers; use a smaller ratio")
-            layers = scores.select(METHOD_ALIASES.get(method, method), n_remove)
-            log(f"{method} @ {ratio:g}: removing {n_remove} layers {layers}")
-            pruned = prune_model(copy.deepcopy(model), layers)
-            rows.append(_row(method, ratio, layers, num_layers, run(pruned), dense_params))
+            extra = {}
+            if method == "laco":
+                plan = laco.search(model, laco_calibration.input_ids, attention_mask=laco_calibration.attention_mask,
+                                   remove=n_remove, **(laco_kwargs or {}))
+                layers = plan.removed
+                log(f"laco @ {ratio:g}: merging away {len(layers)} layers {layers} (threshold "
+                    f"{plan.settings['threshold_used']:g})")
+                pruned = laco.collapse_model(model, plan)
+                extra = {"laco": plan.to_json()}
+            else:
+                layers = scores.select(METHOD_ALIASES.get(method, method), n_remove)
+                log(f"{method} @ {ratio:g}: removing {n_remove} layers {layers}")
+                pruned = prune_model(copy.deepcopy(model), layers)
+            rows.append(dict(_row(method, ratio, layers, num_layers, run(pruned), dense_params), **extra))
             del pruned
     return {"model": scores.model, "num_layers": num_layers, "dense_params": dense_params,
             "calibration": scores.calibration, "ratios": list(ratios), "methods": list(methods),
@@ -182,7 +205,8 @@ def add_compare_subcommand(subparsers) -> None:
                    help=f"fractions of layers to remove, each in [0, 1) (default {DEFAULT_RATIOS}; with "
                         f"--quantize-order one ratio, default {ORDER_DEFAULT_RATIO})")
     p.add_argument("--methods", default=None, type=T.non_empty_list(),
-                   help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span "
+                   help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span, "
+                        "or laco (layer collapse: merges instead of removing, on its own 8 calibration sequences) "
                         f"(default {DEFAULT_METHODS}; with --quantize-order one metric, "
                         f"default {ORDER_DEFAULT_METHOD})")
     p.add_argument("--quantize-order", default=None, choices=QUANTIZE_METHODS, metavar="{nf4,int4}",
@@ -213,8 +237,14 @@ def cmd_compare(args) -> int:
     print(f"scoring {args.model} once on {args.samples} x {args.seq_len} calibration tokens")
     scores = _score_from_args(args, model=model, tokenizer=tokenizer)
     scores.model = args.model
+    laco_calibration = None
+    if "laco" in methods:
+        from ..api import calibration_set
+
+        laco_calibration = calibration_set(args.calib, tokenizer, samples=min(args.samples, LACO_SEQUENCES),
+                                           seq_len=args.seq_len, seed=args.seed)
     table = compare(model, tokenizer, scores, ratios=ratios, methods=methods, eval_kwargs=eval_kwargs,
-                    quantize_method=args.quantize)
+                    quantize_method=args.quantize, laco_calibration=laco_calibration)
     table["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,6 +271,8 @@ def cmd_quantize_order(args) -> int:
     if len(ratios) != 1 or len(methods) != 1:
         raise ValueError(f"--quantize-order compares the two orders at one setting; give one --ratios value above 0 "
                          f"and one --methods metric, got {len(ratios)} and {len(methods)}")
+    if methods[0] in MERGE_METHODS:
+        raise ValueError(f"--quantize-order ranks layers by a score; {methods[0]} merges layers instead, use bi")
     require_backend(args.quantize_order)
     started = time.perf_counter()
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
