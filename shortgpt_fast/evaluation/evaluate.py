@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .data_dir import resolve_data_dir
-from .generation import generate_samples
+from .generation import generate_samples, generation_collapse
 from .perplexity import PPL_SOURCES, perplexity, perplexity_tokens
 from .quantize import model_bytes
 from .tasks import check_task_inputs, run_tasks
@@ -22,8 +22,14 @@ def evaluate(model: nn.Module, tokenizer, *, ppl: Optional[str] = "wikitext2", p
              limit: Optional[int] = None, batch_size: int = 8, throughput: bool = False,
              throughput_batches: Sequence[int] = (1, 8), throughput_seq_len: int = 256, throughput_repeats: int = 5,
              decode_tokens: int = 32, generate: bool = False, max_new_tokens: int = 32,
+             shortgpt_gen_layers: Sequence[int] = (),
              data_dir: Optional[str] = None, progress: bool = False) -> dict:
-    """Evaluate an in-memory model; every part is optional and the result is a JSON-ready dict."""
+    """Evaluate an in-memory model; every part is optional and the result is a JSON-ready dict.
+
+    With `generate` and `shortgpt_gen_layers` (indices of `model`, which is then the dense model), the result also
+    holds "generation_collapse": the same prompts generated with those layers removed and in ShortGPT-gen mode,
+    beside the dense continuation (generation.generation_collapse).
+    """
     from ..models.architectures import find_block_stack
 
     config = model.config
@@ -44,6 +50,9 @@ def evaluate(model: nn.Module, tokenizer, *, ppl: Optional[str] = "wikitext2", p
                                                   new_tokens=decode_tokens, repeats=throughput_repeats)
     if generate:
         result["generate"] = generate_samples(model, tokenizer, max_new_tokens=max_new_tokens)
+        if shortgpt_gen_layers:
+            result["generation_collapse"] = generation_collapse(model, tokenizer, shortgpt_gen_layers,
+                                                                max_new_tokens=max_new_tokens)
     return result
 
 
@@ -80,6 +89,9 @@ def _rows(result: dict) -> list[tuple[str, str, Optional[float]]]:
     if "generate" in result:
         for key, value in result["generate"]["mean"].items():
             rows.append((f"generation {key}", f"{value:.3f}", value))
+    for mode in ("removal", "shortgpt_gen"):
+        for key, value in result.get("generation_collapse", {}).get(mode, {}).get("mean", {}).items():
+            rows.append((f"{mode} generation {key}", f"{value:.3f}", value))
     return rows
 
 
