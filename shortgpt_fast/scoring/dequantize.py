@@ -9,6 +9,8 @@ The arithmetic is the compressed-tensors library's own, through its model-free c
 - `quant_method: compressed-tensors` (llm-compressor releases: pack-quantized int4/int8 with group, channel or tensor
   scales; float-quantized FP8 with per-tensor or per-channel scales; naive int8) through `CompressedTensorsDequantizer`,
   which looks up each scheme's compressor in the library's registry.
+- `quant_method: mxfp4` (gpt-oss: experts stored as e2m1 `*_blocks` with e8m0 `*_scales`) through transformers' own
+  `convert_moe_packed_tensors`, the function its `Mxfp4Dequantize` loading op calls.
 Anything else is refused in one line that names the method and lists these.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from .weights import StreamingError
 
 SUPPORTED = ("fp8 with weight_block_size (DeepSeek/Qwen FP8 layout)",
-             "compressed-tensors (pack-quantized int4/int8, float-quantized fp8 per tensor/channel, naive int8)")
+             "compressed-tensors (pack-quantized int4/int8, float-quantized fp8 per tensor/channel, naive int8)",
+             "mxfp4 (gpt-oss)")
 
 
 def _unsupported(method: str, why: str = "") -> StreamingError:
@@ -37,21 +40,22 @@ class Dequantizer:
     None. dequantize(weight name, root, {stored name: tensor}) -> float32 tensor of the weight's shape.
     """
 
-    def __init__(self, method: str, converter, weight_map: dict[str, str]):
+    def __init__(self, method: str, converter, weight_map: dict[str, str], logical=None):
         self.method = method
         self._converter = converter
         self._weight_map = weight_map
+        # stored root name -> the weight's name; compressed-tensors roots are `<module>.weight_packed` etc.
+        self._logical = logical or (lambda name: f"{name.rpartition('.')[0]}.weight")
 
     def parts(self, name: str) -> Optional[tuple[str, list[str]]]:
         companions = self._converter.get_dependencies(name)
         if not companions:
             return None
-        module = name.rpartition(".")[0]
         missing = sorted(c for c in companions if c not in self._weight_map)
         if missing:
             raise StreamingError(f"quantized weight {name} has no {missing[0]} in the checkpoint; re-download or "
                                  "re-save it")
-        return f"{module}.weight", sorted(companions)
+        return self._logical(name), sorted(companions)
 
     def dequantize(self, name: str, root: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         try:
@@ -76,6 +80,8 @@ def dequantizer_for(folder: str, weight_map: dict[str, str]) -> Optional[Dequant
     if not isinstance(quant, dict):
         return None
     method = str(quant.get("quant_method", "?"))
+    if method == "mxfp4":
+        return Dequantizer(method, _Mxfp4Experts(), weight_map, logical=lambda name: name[: -len("_blocks")])
     if method not in ("fp8", "compressed-tensors"):
         raise _unsupported(method)
     try:
@@ -101,3 +107,20 @@ def dequantizer_for(folder: str, weight_map: dict[str, str]) -> Optional[Dequant
 
         raise _unsupported(method, f" with this quantization_config ({one_line(err)})") from None
     return Dequantizer(method, converter, weight_map)
+
+
+class _Mxfp4Experts:
+    """gpt-oss's MXFP4 experts (`<proj>_blocks` uint8 [experts, rows, groups, 16] of e2m1 pairs, `<proj>_scales` e8m0
+    [experts, rows, groups]) as the (get_dependencies, process) pair the compressed-tensors converters offer."""
+
+    @staticmethod
+    def get_dependencies(name: str) -> set[str]:
+        return {name[: -len("_blocks")] + "_scales"} if name.endswith("_blocks") else set()
+
+    @staticmethod
+    def process(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        root = next(n for n in parts if n.endswith("_blocks"))
+        weight = root[: -len("_blocks")]
+        return {weight: convert_moe_packed_tensors(parts[root], parts[weight + "_scales"], dtype=torch.float32)}

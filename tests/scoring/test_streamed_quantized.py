@@ -146,3 +146,56 @@ def test_unsupported_quantization_is_named_with_what_is_supported(tmp_path):
     with pytest.raises(StreamingError, match=r"^streamed scoring cannot dequantize quant_method 'awq'; it supports "
                                              r"fp8 with weight_block_size .*compressed-tensors"):
         collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_by_hand(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[experts, rows, groups, 16] e2m1 pairs (low nibble first) x 2^(scale - 127) -> [experts, groups*32, rows]:
+    the OCP MX layout as gpt-oss stores it, the experts' input dimension first as its modules use them."""
+    lut = torch.tensor(E2M1, dtype=torch.float64)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1).flatten(-2)
+    values = values * torch.pow(2.0, scales.double() - 127)[..., None]
+    experts, rows, groups, width = values.shape
+    return values.reshape(experts, rows, groups * width).transpose(1, 2).float()
+
+
+def test_mxfp4_gpt_oss_streamed_equals_up_front_dequantized(tmp_path):
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=211, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=5,
+                          num_experts_per_tok=2, sliding_window=6, max_position_embeddings=128,
+                          layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False,
+                          pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = state.pop(name).shape
+        blocks = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=gen)
+        scales = torch.randint(121, 125, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=gen)
+        state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+        with torch.no_grad():
+            params[name].copy_(mxfp4_by_hand(blocks, scales))
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config_dict = json.loads((tmp_path / "config.json").read_text())
+    config_dict["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                               "model.embed_tokens",
+                                                                                               "lm_head"]}
+    (tmp_path / "config.json").write_text(json.dumps(config_dict))
+    calib = calibration()
+    expected = collect_layer_stats(model, calib, batch_size=2, angular_span=2, progress=False)
+    got = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=2, angular_span=2, progress=False)
+    assert got.streaming["quantization"] == "mxfp4"
+    torch.testing.assert_close(got.per_sequence, expected.per_sequence, rtol=1e-7, atol=1e-12)
+    # Under a budget below one block the packed rows of each expert group are read as slices and dequantized alone.
+    _moe, _dense, rest, expert = part_sizes(model)
+    parts = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=2, angular_span=2, progress=False,
+                                         memory_budget=2 * (rest + 2 * expert))
+    assert parts.streaming["blocks_in_parts"] == [0, 1]
+    torch.testing.assert_close(bi(parts), bi(expected), rtol=1e-5, atol=0)
