@@ -191,6 +191,32 @@ def score(
     return Scores(model=str(name), stats=stats, calibration=settings, seed=seed, timings=timings)
 
 
+def compare_calibrations(model: Union[str, nn.Module], sources: dict, *, ratio: float = 0.25, metric: str = "bi",
+                         tokenizer=None, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+                         **score_kwargs) -> dict:
+    """Score one model on several calibration sources and compare the rankings (the paper's warning that an
+    unrepresentative calibration set over-prunes important layers).
+
+    sources: label -> anything `calibration_set` takes (None: the embedded Shakespeare corpus); at least two.
+    A path or alias is loaded once. score_kwargs go to `score` (samples, seq_len, batch_size, seed, metrics, ...).
+    Returns scoring.calibration_sensitivity's dict (per pair Kendall τ and removed-set overlap at `ratio`, per source
+    the layers whose CI overlaps the cut line) with "scores": label -> Scores.
+    Example: compare_calibrations("smollm2-135m", {"plays": None, "wiki": "wiki.txt"}, samples=16)["pairs"].
+    Raises CalibrationSensitivityError for fewer than two sources, and whatever `score` refuses.
+    """
+    from .scoring.calibration_sensitivity import CalibrationSensitivityError, calibration_sensitivity
+
+    if len(sources) < 2:
+        raise CalibrationSensitivityError(f"compare at least two calibration sources, got {len(sources)}")
+    if isinstance(model, str):
+        model, loaded_tokenizer = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer or loaded_tokenizer
+    scores = {label: score(model, source, tokenizer=tokenizer, **score_kwargs) for label, source in sources.items()}
+    result = calibration_sensitivity(scores, ratio=ratio, metric=metric)
+    result["scores"] = scores
+    return result
+
+
 def prune(model: nn.Module, layers: Sequence[int], verify: bool = True) -> nn.Module:
     """Remove `layers` from a loaded model in place (config, layer_idx and per-layer fields kept consistent).
 
@@ -272,6 +298,39 @@ def read_report(path: Union[str, Path], model: Optional[str] = None) -> dict:
             not any(n.startswith(block_path + ".") or n.startswith("model." + block_path + ".") for n in names):
         raise ReportError(f"report {path} scores blocks at {block_path!r:.80}, which {model} does not have; {rescore}")
     return report
+
+
+def evaluate_models(models: Sequence[tuple[str, str]], *, device: str = "cpu", dtype: str = "float32",
+                    quantize_method: Optional[str] = None, **evaluate_kwargs) -> dict:
+    """Evaluate each (label, model path/alias) in turn, one model in memory at a time: {label: results}.
+
+    evaluate_kwargs go to evaluation.evaluate.evaluate (ppl, tasks, throughput, generate, ...); data folders and task
+    files are checked before the first model loads. quantize_method ("nf4"/"int4") evaluates 4-bit weights; the
+    parameter count is then taken before quantizing (bitsandbytes stores two 4-bit weights per element).
+    Example: evaluate_models([("original", "ckpt"), ("pruned", "ckpt-pruned")], ppl="wikitext2", tasks=["piqa"]).
+    """
+    import logging
+
+    from .evaluation.evaluate import check_inputs_early, evaluate
+    from .evaluation.quantize import quantize, require_backend
+
+    check_inputs_early(evaluate_kwargs)
+    if quantize_method:
+        require_backend(quantize_method)
+    if not evaluate_kwargs.get("progress", True):
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    results = {}
+    for label, name in models:
+        net, tokenizer = load(name, device=device, dtype=dtype)
+        params = sum(p.numel() for p in net.parameters())
+        if quantize_method:
+            net = quantize(net, quantize_method)
+        results[label] = evaluate(net, tokenizer, **evaluate_kwargs)
+        results[label]["model"] = name
+        if quantize_method:
+            results[label].update(params=params, quantization=quantize_method)
+        del net
+    return results
 
 
 def _local_tensor_names(model: str) -> Optional[list]:

