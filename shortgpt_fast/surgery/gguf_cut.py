@@ -36,7 +36,7 @@ from .. import _native
 from ..errors import quote
 from ..io.durable import fsync_dir
 from ..io.gguf import SPLIT_TENSORS, STRING, GGUFError, GGUFHeader, read_set, split_parts
-from ..models.config_surgery import index_map, validate_layers
+from ..models.config_surgery import ConfigSurgeryError, index_map, validate_layers
 from . import untrusted
 from .gguf_metadata import CUT_RECORD_KEY, MetadataEdit, plan_metadata
 from .untrusted import SurgeryError
@@ -112,6 +112,13 @@ def _sha256_prefix(path: Path, length: int) -> str:
             h.update(chunk)
             length -= len(chunk)
     return h.hexdigest()
+
+
+def _parts(src: Path) -> list[Path]:
+    try:
+        return split_parts(src)
+    except GGUFError as e:
+        raise SurgeryError(str(e)) from None
 
 
 def _layer_counts(header: GGUFHeader) -> tuple[str, int, int]:
@@ -220,7 +227,10 @@ def build_plan(src: Union[str, os.PathLike], layers: Union[str, Iterable[int]],
         raise SurgeryError(str(e)) from None
     first = headers[0]
     arch, n_all, n_trunk = _layer_counts(first)
-    removed = validate_layers(untrusted.parse_layers(layers, n_trunk), n_trunk)
+    try:
+        removed = validate_layers(untrusted.parse_layers(layers, n_trunk), n_trunk)
+    except ConfigSurgeryError as e:
+        raise SurgeryError(f"{first.path}: {e}") from None
     blocks = _block_sets(headers, n_all)
     empty = [i for i in range(n_all) if i not in blocks]
     if empty:
@@ -456,10 +466,7 @@ def _cut_in_place(src: Path, layers, method: str, chosen_by: str) -> tuple[Optio
     """(plan, bytes copied, resumed, per-part kind, source headers when this run planned the cut); plan is None
     when the files already hold this cut."""
     src_dir = src.parent
-    try:
-        first = split_parts(src)[0]
-    except GGUFError as e:
-        raise SurgeryError(str(e)) from None
+    first = _parts(src)[0]
     journal = _journal_path(src_dir, first.name)
     resumed = os.path.lexists(journal)
     before = None
@@ -528,8 +535,8 @@ def cut_gguf(
             named NAME-0000k-of-0000N.gguf). The source is only read.
         in_place: edit `src` crash-safely instead (rerun the same command after a crash). Exactly one of out /
             in_place.
-        copy_method: "auto" (copy_file_range, collapse-range in place) or "readwrite" (plain reads and writes,
-            and in place always rebuilds).
+        copy_method: "auto" (copy_file_range; in place, collapse-range where it applies), "copy_file_range"
+            (in place always rebuilds) or "readwrite" (plain reads and writes; in place always rebuilds).
         chosen_by: what picked the layers (e.g. "bi"), recorded in the file's shortgpt_fast.cut record.
         check: re-read the written headers and prove every kept block holds exactly its old tensors.
 
@@ -544,22 +551,22 @@ def cut_gguf(
     src = Path(src)
     if (out is None) == (not in_place):
         raise SurgeryError("pass exactly one of --out OUT.gguf (copy) or --in-place")
-    if copy_method not in ("auto", "readwrite"):
-        raise SurgeryError(f"copy_method must be auto or readwrite, not {copy_method!r}")
+    if copy_method not in ("auto", "copy_file_range", "readwrite"):
+        raise SurgeryError(f"copy_method must be auto, copy_file_range or readwrite, not {copy_method!r}")
     if src.is_symlink() or not src.is_file():
         raise SurgeryError(f"{src} is not a regular .gguf file (a missing path, a folder or a symlink)")
     if in_place:
         plan, copied, resumed, kinds, before = _cut_in_place(src, layers, copy_method, chosen_by)
-        outputs = split_parts(src)
+        outputs = _parts(src)
         if plan is None:
             last = _already_done(src, layers)
             mapping = index_map(last["removed"], last["num_layers"])
             return GGUFCutResult(removed=last["removed"], index_map=mapping, outputs=outputs,
                                  num_layers=last["num_layers"], seconds=time.perf_counter() - start, in_place=True,
                                  already_done=True)
-        method = "collapse" if all(k == "collapse" for k in kinds) else copy_method
+        method = "collapse" if all(k == "collapse" for k in kinds) else f"rebuild ({copy_method})"
     else:
-        first = split_parts(src)[0]
+        first = _parts(src)[0]
         if os.path.lexists(_journal_path(src.parent, first.name)):
             raise SurgeryError(f"{first} is in the middle of an interrupted in-place cut; rerun that command with "
                                "--in-place to finish it before copying")

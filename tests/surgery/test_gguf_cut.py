@@ -259,3 +259,18 @@ def test_smollm2_cut_equals_identity_oracle_in_transformers(tmp_path, smollm2):
         expected = identity_logits(model, removed, ids)
         got = cut(ids).logits
     assert torch.equal(got, expected)
+
+
+def test_cli_cut_takes_gguf_paths(tmp_path, capsys):
+    from shortgpt_fast.cli import main
+
+    src = write_model(tmp_path / "m.gguf", blocks=5)[0]
+    assert main(["cut", str(src), "--layers", "1-2", "--out", str(tmp_path / "out.gguf")]) == 0
+    assert "removed layers [1, 2] (3 remain)" in capsys.readouterr().out
+    assert fields(tmp_path / "out.gguf")["llama.block_count"] == 3
+    assert main(["cut", str(src), "--layers", "4", "--in-place"]) == 0
+    assert main(["cut", str(src), "--layers", "4", "--in-place"]) == 0
+    assert "already done" in capsys.readouterr().out
+    assert main(["cut", str(src), "--layers", "9", "--in-place"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "out of range" in err and "\n" not in err
