@@ -114,3 +114,10 @@ def ratio_or_zero(text: str) -> float:
 
 # LoRA dropout is a probability that may be 0 but never 1: the same range as a comparison's ratio.
 dropout = ratio_or_zero
+
+
+def positive_int_or_all(text: str):
+    """A whole number >= 1, or the word 'all' (returned as the string "all"), e.g. --angular-span all."""
+    if str(text).strip().lower() == "all":
+        return "all"
+    return positive_int(text)

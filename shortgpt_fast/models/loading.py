@@ -61,6 +61,24 @@ def _remote_code_refusal(model: str, err: Exception) -> Optional[ModelLoadError]
     return None
 
 
+def _refuse_untrusted_remote_code(model: str, path: str) -> None:
+    """A local folder whose config.json maps its classes to its own code (auto_map) for a model_type transformers does
+    not ship is refused before loading. Once some trusted folder registered that model_type in this process,
+    transformers would otherwise load this folder with the other folder's code, silently (Baichuan2-7B and -13B share
+    the model_type "baichuan" but not their attention)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id: transformers refuses remote code itself unless trusted
+    try:
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {config_file}: {one_line(err)}") from None
+    if isinstance(cfg, dict) and cfg.get("auto_map") and cfg.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise _remote_code_refusal(model, ValueError("trust_remote_code"))
+
+
 def register_remote_classes(net) -> None:
     """Enter a trusted remote-code model's config and model classes in transformers' Auto mappings, so the proof
     that rebuilds a pruned config (surgery/verify_structure) and later loads in this process find them."""
@@ -185,6 +203,8 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
     path = resolve_model_path(model)
     if trust_remote_code:
         _warn_remote_code(path)
+    else:
+        _refuse_untrusted_remote_code(model, path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

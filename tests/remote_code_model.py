@@ -88,7 +88,7 @@ class TinyBaichuanForCausalLM(TinyBaichuanPreTrainedModel):
 
 def write_remote_code_model(folder: Path, tokenizer=None, n_blocks: int = 5, seed: int = 0) -> Path:
     """Write the model (random weights, seeded) to `folder` as save_pretrained would with its code beside it, and
-    `tokenizer` (any; the model only needs ids below 211) so the folder loads like a hub checkpoint."""
+    `tokenizer` (its vocabulary sizes the model; 211 ids without one) so the folder loads like a hub checkpoint."""
     import torch
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -99,7 +99,7 @@ def write_remote_code_model(folder: Path, tokenizer=None, n_blocks: int = 5, see
         "model_type": "tiny_baichuan_remote", "architectures": ["TinyBaichuanForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_tiny_baichuan.TinyBaichuanConfig",
                      "AutoModelForCausalLM": "modeling_tiny_baichuan.TinyBaichuanForCausalLM"},
-        "vocab_size": 211, "width": 40, "n_blocks": n_blocks, "n_heads": 4, "mlp_width": 72,
+        "vocab_size": len(tokenizer) if tokenizer is not None else 211, "width": 40, "n_blocks": n_blocks, "n_heads": 4, "mlp_width": 72,
     }))
     model_cls = get_class_from_dynamic_module("modeling_tiny_baichuan.TinyBaichuanForCausalLM", str(folder))
     config = model_cls.config_class.from_pretrained(str(folder))
