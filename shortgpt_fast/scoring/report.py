@@ -235,7 +235,9 @@ class Scores:
     def to_dict(self) -> dict:
         """The stable JSON report as a dict: model, num_layers, tokens, calibration, block_path, per-layer metrics with
         bi_ci95, rankings, angular spans, bootstrap settings, rank stability, timings and versions; plus removed,
-        removal_metric and index_map once `mark_removed` was called. Imports transformers to record its version.
+        removal_metric and index_map once `mark_removed` was called; user_metrics (name -> description, each layer
+        gaining <name> and <name>_ci95) when user metrics were scored, span_map with angular_span="all".
+        Imports transformers to record its version.
         """
         ci = self.bi_ci95()
         bi, ang, ang_last, rel = self.bi, self.angular, self.angular_last_token, self.relative_magnitude
