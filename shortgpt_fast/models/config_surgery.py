@@ -18,6 +18,7 @@ import re
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from ..errors import ShortGPTError, quote
+from .config_compat import with_legacy_rope_fields
 
 # Keys that name the layer count. GPT-2 style configs spell it differently.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -647,7 +648,7 @@ def prune_config_dict(cfg: dict, removed: Sequence[int], num_layers: int | None 
         cfg[sub] = prune_config_dict(cfg[sub], removed)
         mapping = index_map(validate_layers(removed, inner_n), inner_n, mtp_layer_count(stack))
         _prune_quantization(cfg, mapping, inner_n)
-        return cfg
+        return with_legacy_rope_fields(cfg)
     if num_layers is None:
         num_layers = layer_count(cfg)
     removed = validate_layers(removed, num_layers)
@@ -658,7 +659,7 @@ def prune_config_dict(cfg: dict, removed: Sequence[int], num_layers: int | None 
         if isinstance(sub, dict) and _has_count(sub) and layer_count(sub) == num_layers:
             cfg[key] = prune_config_dict(sub, removed)
     _prune_quantization(cfg, mapping, num_layers)
-    return cfg
+    return with_legacy_rope_fields(cfg)  # so transformers 4.x reads the same RoPE
 
 
 def _prune_quantization(cfg: dict, mapping: dict[int, int], num_layers: int) -> None:

@@ -150,6 +150,9 @@ def _convert_gguf(alias_name: str, alias: GGUFAlias, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         # Several shards on purpose: the checkpoint-surgery path is then exercised on the default model too.
+        from .config_compat import add_legacy_rope_fields
+
+        add_legacy_rope_fields(clean.config)  # transformers 4.x reads the same RoPE
         clean.save_pretrained(staging, max_shard_size="200MB")
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE.json").write_text(json.dumps({"alias": alias_name, "package": alias.package,
