@@ -3,7 +3,18 @@ import os
 # Must be set before any @triton.jit runs (the interpreter flag is read when kernels are defined): the Triton kernel then runs on CPU tensors, interpreted.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Tests mirror the package in folders without __init__.py, and some import hand-written builders from a test module
+# in a sibling folder (tests/io reuses the malformed-safetensors builders of tests/surgery). pytest only puts a
+# folder on sys.path when it collects a file there, so that import would depend on collection order; every test
+# folder goes on the path up front instead.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 try:
     from hypothesis import settings as _hypothesis_settings

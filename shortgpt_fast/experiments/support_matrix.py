@@ -8,7 +8,7 @@ original model with the removed blocks returning their input (`identity_oracle.p
 bit; anything else is WRONG, loudly, because a silent mismatch is the failure this matrix exists to catch. An error
 whose class is defined in shortgpt_fast is a deliberate refusal; any other error is a failure. A type that cannot be
 built tiny is listed as untested with the reason, never dropped. `shortgpt-fast archs` prints the table and
-`--write-readme` puts it in the README; tests/test_architectures.py checks both.
+`--write-readme` puts it in the README; tests/experiments/test_architectures.py checks both.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ TABLE_END = "<!-- archs:table:end -->"
 
 @dataclass(frozen=True)
 class Family:
-    """A hand-written tiny config: known good, used by other tests too (tests/test_streamed.py)."""
+    """A hand-written tiny config: known good, used by other tests too (tests/scoring/test_streamed.py)."""
 
     name: str
     make_config: Callable[[], object]
@@ -696,7 +696,7 @@ def _run(row: Row, result: Result, workdir: Path) -> None:
         got = collect_layer_stats_streamed(str(state["original"]), calib, batch_size=3, angular_span=2,
                                            progress=False)
         expected = state["stats"].per_sequence
-        # Same kernels on the same shapes as in memory: tests/test_streamed.py holds the two to 1e-7.
+        # Same kernels on the same shapes as in memory: tests/scoring/test_streamed.py holds the two to 1e-7.
         if not torch.allclose(got.per_sequence, expected, rtol=1e-7, atol=1e-12):
             raise Wrong(f"streamed stats differ from in-memory (max Δ "
                         f"{(got.per_sequence - expected).abs().max().item():.3g})")

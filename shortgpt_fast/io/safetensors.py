@@ -8,7 +8,7 @@ Headers are parsed by the C++ reader in shortgpt_fast._C (csrc/safetensors_surge
 the hardened one, written for untrusted files, and the cut needs it anyway. A pure-Python reader applying the same
 rules stands in where the extension is missing (SHORTGPT_FAST_SKIP_CPP=1 installs) or has no surgery half (built off
 Linux): streamed scoring only reads checkpoints, works with the torch backend alone, and must not need a compiler or
-Linux. tests/test_io_safetensors.py runs both readers on the same good and damaged files and checks they agree.
+Linux. tests/io/test_io_safetensors.py runs both readers on the same good and damaged files and checks they agree.
 
 Both readers bound memory by the header: its length is checked against MAX_HEADER_BYTES before a byte of it is read.
 """

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_checkpoint_surgery import (
+from test_cut_checkpoint import (
     MALFORMED,
     _checkpoint_dir,
     _entry,

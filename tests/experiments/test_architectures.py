@@ -16,7 +16,7 @@ import pytest
 from shortgpt_fast.experiments import support_matrix
 from shortgpt_fast.experiments.support_matrix import NOT_APPLICABLE, PASS, SKIPPED, STEPS, cell_kind
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # (row, step) -> a substring of the cell, for every cell that is not ✔ today. step "build" is the whole row
 # being untested. Regenerate the candidates with `shortgpt-fast archs`; never add a WRONG cell here.

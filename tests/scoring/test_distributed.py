@@ -18,7 +18,7 @@ from shortgpt_fast.data.calibration import from_tensors
 from shortgpt_fast.scoring.distributed import shard_calibration, share_counts
 from shortgpt_fast.scoring.report import SCORE_METRICS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

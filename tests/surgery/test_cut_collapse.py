@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint_surgery import _load_checked, _logits, _reference_logits, _tree
-from test_checkpoint_surgery_extra import _FORK_WORKER
+from test_cut_checkpoint import _load_checked, _logits, _reference_logits, _tree
+from test_cut_real_model_and_fuzz import _FORK_WORKER
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from shortgpt_fast.surgery import cut_in_place as surgery

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from test_checkpoint_surgery import _checkpoint_dir, _entry, _layer_tensors, _raw_safetensors
-from test_checkpoint_surgery_extra import _mutated
+from test_cut_checkpoint import _checkpoint_dir, _entry, _layer_tensors, _raw_safetensors
+from test_cut_real_model_and_fuzz import _mutated
 
 from shortgpt_fast.io import safetensors as st
 from shortgpt_fast.scoring import streamed
