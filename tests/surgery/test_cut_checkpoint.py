@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
 from shortgpt_fast.cli.cut import add_parser as add_cut_parser
-from shortgpt_fast.surgery import cut_in_place as surgery
 from shortgpt_fast.io.durable import OutputFolderError
+from shortgpt_fast.surgery import cut_in_place as surgery
 from shortgpt_fast.surgery.checkpoint import JOURNAL_NAME, SurgeryError, cut_checkpoint
 
 try:
