@@ -38,7 +38,7 @@ def load(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
 
 
 def calibration_set(
-    data: CalibrationSource,
+    calib: CalibrationSource,
     tokenizer=None,
     *,
     samples: int = 32,
@@ -52,29 +52,29 @@ def calibration_set(
 
     padding=None packs text into full windows; padding='left'/'right' draws variable-length padded sequences.
 
-    data: a CalibrationSet (returned as is), an integer [n, L] tensor of token ids (attention_mask
+    calib: a CalibrationSet (returned as is), an integer [n, L] tensor of token ids (attention_mask
     optional, same shape), or a text source for `--calib`. Returns a CalibrationSet.
     Example: calibration_set("my_texts/", tokenizer, samples=8, seq_len=128) (a folder of .txt/.md files).
-    Raises CalibrationError when text data comes without a tokenizer, and whatever the calibration reader refuses.
+    Raises CalibrationError when text comes without a tokenizer, and whatever the calibration reader refuses.
     """
-    if isinstance(data, CalibrationSet):
-        return data
-    if isinstance(data, torch.Tensor):
-        return calibration.from_tensors(data, attention_mask)
+    if isinstance(calib, CalibrationSet):
+        return calib
+    if isinstance(calib, torch.Tensor):
+        return calibration.from_tensors(calib, attention_mask)
     if tokenizer is None:
         raise calibration.CalibrationError("text calibration data needs a tokenizer; pass tokenizer=")
-    docs, name = calibration.read_documents(data, text_field=text_field)
+    docs, name = calibration.read_documents(calib, text_field=text_field)
     if padding is None:
-        calib = calibration.packed(tokenizer, docs, samples, seq_len, seed)
+        calib_set = calibration.packed(tokenizer, docs, samples, seq_len, seed)
     else:
-        calib = calibration.padded(tokenizer, docs, samples, seq_len, seed, padding_side=padding)
-    calib.description["source"] = name
-    return calib
+        calib_set = calibration.padded(tokenizer, docs, samples, seq_len, seed, padding_side=padding)
+    calib_set.description["source"] = name
+    return calib_set
 
 
 def score(
     model: Union[str, nn.Module],
-    data: CalibrationSource = None,
+    calib: CalibrationSource = None,
     *,
     tokenizer=None,
     samples: int = 32,
@@ -101,7 +101,7 @@ def score(
     path stream when its estimated size exceeds free memory, and prints the estimate. Under torch.distributed the
     calibration sequences are shared across ranks and gathered back, so every rank returns the full Scores.
 
-    model: a path, alias or loaded nn.Module; data: anything `calibration_set` takes. Returns a Scores.
+    model: a path, alias or loaded nn.Module; calib: anything `calibration_set` takes. Returns a Scores.
     Example: scores = score("path/to/model", "my_texts/", samples=8); scores.select("bi", 3).
     angular_span="all" keeps the distance of every (start, span): Scores.span_map(). metrics names user metrics
     (sf.register_metric) computed beside the built-in ones. quantize="nf4" (bitsandbytes) or "int4" (torchao) scores a
@@ -144,7 +144,7 @@ def score(
     if isinstance(model, str) and streamed:
         from .scoring.streamed import collect_layer_stats_streamed
 
-        if tokenizer is None and not isinstance(data, (torch.Tensor, CalibrationSet)):
+        if tokenizer is None and not isinstance(calib, (torch.Tensor, CalibrationSet)):
             tokenizer = load_tokenizer(model)
 
         def score_share(share):
@@ -175,13 +175,13 @@ def score(
 
         model_dtype, model_device = str(next(net.parameters()).dtype), str(next(net.parameters()).device)
     calib_started = time.perf_counter()
-    calib = calibration_set(data, tokenizer, samples=samples, seq_len=seq_len, seed=seed, padding=padding,
+    calib_set = calibration_set(calib, tokenizer, samples=samples, seq_len=seq_len, seed=seed, padding=padding,
                             attention_mask=attention_mask, text_field=text_field)
     timings["calibration_s"] = time.perf_counter() - calib_started
-    stats = scored_in_shares(calib, score_share, device=model_device)
+    stats = scored_in_shares(calib_set, score_share, device=model_device)
     timings["scoring_s"] = stats.seconds
-    timings["tokens_per_s"] = calib.num_tokens / stats.seconds if stats.seconds > 0 else float("nan")
-    settings = dict(calib.description, batch_size=batch_size, dtype=model_dtype, device=model_device)
+    timings["tokens_per_s"] = calib_set.num_tokens / stats.seconds if stats.seconds > 0 else float("nan")
+    settings = dict(calib_set.description, batch_size=batch_size, dtype=model_dtype, device=model_device)
     if quantize is not None:
         settings["quantize"] = quantize
     if streamed:
