@@ -1,11 +1,10 @@
-// Python bindings of the GGUF engine: read a header, encode kv records, render a header, and write or rewrite files
-// through the shared file I/O (reflink, copy_file_range, collapse-range). Python (shortgpt_fast/surgery/gguf_cut.py)
+// Python bindings of the GGUF engine: read a header, encode kv records, render a header. The bytes move through the
+// shared file I/O bindings (write_file, overwrite_prefix, remove_ranges). Python (shortgpt_fast/surgery/gguf_cut.py)
 // plans what to write; nothing here imports torch.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "gguf/gguf_format.h"
-#include "surgery/file_io.h"
 
 namespace py = pybind11;
 
@@ -136,33 +135,4 @@ void register_gguf(py::module_& m) {
         py::arg("version"), py::arg("records"), py::arg("tensors"), py::arg("alignment"),
         "Header bytes (magic to the zero padding before the data) for `records` (encoded kv records, verbatim) and "
         "`tensors` [(name, dims, ggml_type, offset)], offsets following each other with alignment padding.");
-
-    m.def(
-        "gguf_write_file",
-        [](const std::string& src_path, const std::string& dst_path, const py::bytes& header,
-           const std::vector<std::pair<uint64_t, uint64_t>>& runs, bool allow_clone, const std::string& method,
-           bool do_fsync, unsigned mode) {
-            std::string prefix = header;
-            py::gil_scoped_release release;
-            CopyResult r = write_file(src_path, dst_path, prefix, runs, allow_clone, method, do_fsync, mode);
-            return std::make_tuple(r.bytes, r.method);
-        },
-        py::arg("src_path"), py::arg("dst_path"), py::arg("header"), py::arg("runs"), py::arg("allow_clone") = false,
-        py::arg("method") = "auto", py::arg("fsync") = true, py::arg("mode") = 0644,
-        "Create dst (must not exist) as `header` followed by the source byte ranges `runs` [(offset, length)]. "
-        "Returns (bytes copied, method: reflink, copy_file_range, readwrite or none).");
-
-    m.def(
-        "gguf_overwrite_header",
-        [](const std::string& path, const py::bytes& header, uint64_t data_start) {
-            std::string prefix = header;
-            if (prefix.size() != data_start)
-                throw GgufFormatError(printable(path + ": rewritten header is " + std::to_string(prefix.size()) +
-                                                " bytes but must be exactly " + std::to_string(data_start) +
-                                                " to leave the data in place"));
-            py::gil_scoped_release release;
-            overwrite_prefix(path, prefix, data_start);
-        },
-        py::arg("path"), py::arg("header"), py::arg("data_start"),
-        "Overwrite a GGUF file's header in place with one of the same length (data stays put) and fsync it.");
 }

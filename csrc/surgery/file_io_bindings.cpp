@@ -17,6 +17,31 @@ void register_file_io(py::module_& m) {
         }
     });
 
+    m.def(
+        "write_file",
+        [](const std::string& src_path, const std::string& dst_path, const py::bytes& prefix,
+           const std::vector<std::pair<uint64_t, uint64_t>>& runs, bool allow_clone, const std::string& method,
+           bool do_fsync, unsigned mode) {
+            std::string head = prefix;
+            py::gil_scoped_release release;
+            CopyResult r = sgf::write_file(src_path, dst_path, head, runs, allow_clone, method, do_fsync, mode);
+            return std::make_tuple(r.bytes, r.method);
+        },
+        py::arg("src_path"), py::arg("dst_path"), py::arg("prefix"), py::arg("runs"), py::arg("allow_clone") = false,
+        py::arg("method") = "auto", py::arg("fsync") = true, py::arg("mode") = 0644,
+        "Create dst (must not exist) with permission bits `mode` as `prefix` followed by the source byte ranges "
+        "`runs` [(offset, length)]. Returns (bytes copied, method: reflink, copy_file_range, readwrite or none).");
+
+    m.def(
+        "overwrite_prefix",
+        [](const std::string& path, const py::bytes& prefix, uint64_t min_size) {
+            std::string head = prefix;
+            py::gil_scoped_release release;
+            sgf::overwrite_prefix(path, head, min_size);
+        },
+        py::arg("path"), py::arg("prefix"), py::arg("min_size"),
+        "Overwrite the first bytes of an existing file (at least min_size bytes long) and fsync it.");
+
     auto remove = [](const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& holes,
                      uint64_t original_size) {
         py::gil_scoped_release release;

@@ -38,6 +38,7 @@ from ..io.durable import fsync_dir
 from ..io.gguf import SPLIT_TENSORS, STRING, GGUFError, GGUFHeader, read_set, split_parts
 from ..models.config_surgery import ConfigSurgeryError, index_map, validate_layers
 from . import untrusted
+from .durable import _remove_stale
 from .gguf_metadata import CUT_RECORD_KEY, MetadataEdit, plan_metadata
 from .untrusted import SurgeryError
 
@@ -272,25 +273,14 @@ def check_result(before: Sequence[GGUFHeader], after: Sequence[GGUFHeader], plan
         raise SurgeryError(f"{after[0].path}: the tensors outside the blocks differ from the source's")
 
 
-def _remove_stale(path: Path) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-        raise SurgeryError(f"{path} is a {untrusted.file_kind(mode)} with the name of a temp file of the cut; move "
-                           "it away and rerun")
-    os.unlink(path)
-
-
 def _write_part(src_dir: Path, part: PartPlan, dst: Path, method: str) -> tuple[int, str]:
     """dst := the part's new header + kept data, through a temp file renamed into place after fsync."""
     tmp = dst.with_name(f".{dst.name}{_TMP_SUFFIX}")
     _remove_stale(tmp)
     mode = stat.S_IMODE(os.stat(src_dir / part.source).st_mode)
     try:
-        copied, used = _C.gguf_write_file(str(src_dir / part.source), str(tmp), part.header, part.runs,
-                                          allow_clone=False, method=method, fsync=True, mode=mode)
+        copied, used = _C.write_file(str(src_dir / part.source), str(tmp), part.header, part.runs,
+                                     allow_clone=False, method=method, fsync=True, mode=mode)
         os.replace(tmp, dst)
     except OSError as e:
         _remove_stale(tmp)
@@ -430,7 +420,8 @@ def _apply_part(src_dir: Path, part: PartPlan, method: str) -> int:
                                "the cut. Restore it from the original download")
         try:
             _C.remove_ranges(str(path), [tuple(h) for h in part.holes], part.source_size)
-            _C.gguf_overwrite_header(str(path), part.header, part.old_data_start)
+            # Same length as the old header (the plan chose collapse only then), so the data stays where it is.
+            _C.overwrite_prefix(str(path), part.header, part.old_data_start)
         except (ValueError, OSError) as e:
             raise SurgeryError(f"{e}; rerun the same command to finish the cut") from None
         return 0
