@@ -147,6 +147,15 @@ def test_split_set(tmp_path, parts):
     assert fields(res.outputs[0])["llama.block_count"] == 4
 
 
+def test_split_set_in_place_equals_copy(tmp_path):
+    paths = write_model(tmp_path / "s.gguf", blocks=6, split_max_tensors=10)
+    (tmp_path / "copy").mkdir()
+    copies = cut_gguf(paths[0], "0,5", out=tmp_path / "copy" / "c.gguf")
+    res = cut_gguf(paths[1], "0,5", in_place=True)
+    assert res.outputs == paths and len(paths) == 3
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in copies.outputs]
+
+
 def test_split_set_missing_or_foreign_part_refused(tmp_path):
     paths = write_model(tmp_path / "s.gguf", blocks=4, split_max_tensors=9)
     other = write_model(tmp_path / "o.gguf", blocks=5, split_max_tensors=9, seed=1)
