@@ -15,11 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import cli_types as T
 from ..evaluation.evaluate import check_inputs_early, evaluate, with_stderr
-from ..evaluation.quantize import METHODS as QUANTIZE_METHODS
 from ..evaluation.quantize import format_order_table, quantization_order, quantize, require_backend
-from ..evaluation.run import add_evaluation_flags, evaluate_kwargs_from_args
 
 # Short method names used by the issue and the paper's baselines; the values are Scores metric names.
 METHOD_ALIASES = {"relmag": "relative_magnitude", "angular_last": "angular_last_token"}
@@ -196,101 +193,81 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def add_compare_subcommand(subparsers) -> None:
-    from ..cli import _add_calibration_flags
+def compare_to_dir(model_name: str, out_dir, *, ratios: Sequence[float], methods: Sequence[str], eval_kwargs: dict,
+                   calib=None, score_kwargs: Optional[dict] = None, quantize_method: Optional[str] = None,
+                   log=print) -> dict:
+    """Load `model_name` once, score it once on `calib` (api.score with `score_kwargs`), run compare() and write
+    compare.json, compare.md and compare.png into `out_dir`; returns the table.
 
-    p = subparsers.add_parser("compare", help="perplexity and task scores for every removal method and ratio")
-    p.add_argument("model", help="checkpoint folder, hub id, or the alias smollm2-135m")
-    p.add_argument("--ratios", default=None, type=T.non_empty_list(T.ratio_or_zero),
-                   help=f"fractions of layers to remove, each in [0, 1) (default {DEFAULT_RATIOS}; with "
-                        f"--quantize-order one ratio, default {ORDER_DEFAULT_RATIO})")
-    p.add_argument("--methods", default=None, type=T.non_empty_list(),
-                   help="removal metrics: bi, angular, relmag, angular_last_token, reverse, random, last, angular_span, "
-                        "or laco (layer collapse: merges instead of removing, on its own 8 calibration sequences) "
-                        f"(default {DEFAULT_METHODS}; with --quantize-order one metric, "
-                        f"default {ORDER_DEFAULT_METHOD})")
-    p.add_argument("--quantize-order", default=None, choices=QUANTIZE_METHODS, metavar="{nf4,int4}",
-                   help="instead of the table: quantize -> score -> prune against score -> prune -> quantize at one "
-                        "ratio (paper Table 5), perplexity on the calibration text's held-out tail; writes "
-                        "quantization_order.json and .md")
-    p.add_argument("--out-dir", default="compare", help="where compare.json, compare.md and compare.png go")
-    add_evaluation_flags(p, runtime_flags=False)
-    _add_calibration_flags(p)
-    p.set_defaults(func=cmd_compare)
+    ratios/methods as parse_ratios/parse_methods accept them; eval_kwargs: evaluation.evaluate() options, checked
+    (data folder, task files) before anything loads.
+    """
+    from ..api import calibration_set, load, score
 
-
-def cmd_compare(args) -> int:
-    from ..api import load
-    from ..cli import _score_from_args
-
-    if args.quantize_order:
-        return cmd_quantize_order(args)
-    ratios, methods = parse_ratios(args.ratios or DEFAULT_RATIOS), parse_methods(args.methods or DEFAULT_METHODS)
-    eval_kwargs = evaluate_kwargs_from_args(args)
+    ratios, methods = parse_ratios(",".join(map(str, ratios))), parse_methods(",".join(methods))
+    score_kwargs = dict(score_kwargs or {})
     check_inputs_early(eval_kwargs)
-    if args.quantize:
-        require_backend(args.quantize)
-    if args.quiet:
+    if quantize_method:
+        require_backend(quantize_method)
+    if not eval_kwargs.get("progress", True):
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     started = time.perf_counter()
-    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
-    print(f"scoring {args.model} once on {args.samples} x {args.seq_len} calibration tokens")
-    scores = _score_from_args(args, model=model, tokenizer=tokenizer)
-    scores.model = args.model
+    model, tokenizer = load(model_name, device=score_kwargs.get("device", "cpu"),
+                            dtype=score_kwargs.get("dtype", "float32"))
+    samples, seq_len = score_kwargs.get("samples", 32), score_kwargs.get("seq_len", 256)
+    log(f"scoring {model_name} once on {samples} x {seq_len} calibration tokens")
+    score_kwargs["streamed"] = None  # the model is in memory already
+    scores = score(model, calib, tokenizer=tokenizer, **score_kwargs)
+    scores.model = model_name
     laco_calibration = None
     if "laco" in methods:
-        from ..api import calibration_set
-
-        laco_calibration = calibration_set(args.calib, tokenizer, samples=min(args.samples, LACO_SEQUENCES),
-                                           seq_len=args.seq_len, seed=args.seed)
+        laco_calibration = calibration_set(calib, tokenizer, samples=min(samples, LACO_SEQUENCES), seq_len=seq_len,
+                                           seed=score_kwargs.get("seed", 0))
     table = compare(model, tokenizer, scores, ratios=ratios, methods=methods, eval_kwargs=eval_kwargs,
-                    quantize_method=args.quantize, laco_calibration=laco_calibration)
+                    quantize_method=quantize_method, laco_calibration=laco_calibration, log=log)
     table["seconds"] = round(time.perf_counter() - started, 1)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(table, indent=1))
     markdown = markdown_table(table)
     (out_dir / "compare.md").write_text(markdown)
     plot(table, out_dir / "compare.png")
-    print(markdown)
-    print(f"wrote {out_dir}/compare.json, compare.md, compare.png in {table['seconds']} s")
-    return 0
+    log(markdown)
+    log(f"wrote {out_dir}/compare.json, compare.md, compare.png in {table['seconds']} s")
+    return table
 
 
-def cmd_quantize_order(args) -> int:
+def quantization_order_to_dir(model_name: str, out_dir, *, ratio: float, method: str, quantize_method: str,
+                              calib=None, samples: int = 32, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
+                              ppl_tokens: Optional[int] = None, ppl_window: int = 512, device: str = "cpu",
+                              dtype: str = "float32", log=print) -> dict:
+    """The paper's Table 5 at one (ratio, method): quantize -> score -> prune against score -> prune -> quantize,
+    perplexity on the calibration text's held-out tail; writes quantization_order.json and .md, returns the report.
+    Refuses a ratio that removes no layer or all of them, and a merge method (laco), which has no score ranking."""
     from ..api import load
     from ..models.architectures import find_block_stack
 
-    if args.quantize:
-        raise ValueError("--quantize-order quantizes in both orders itself; drop --quantize")
-    if args.tasks or args.ppl not in ("wikitext2", "none"):
-        raise ValueError("--quantize-order measures perplexity on the calibration text's held-out tail; drop --tasks "
-                         "and --ppl")
-    ratios = [r for r in parse_ratios(args.ratios or ORDER_DEFAULT_RATIO) if r > 0]
-    methods = parse_methods(args.methods or ORDER_DEFAULT_METHOD)
-    if len(ratios) != 1 or len(methods) != 1:
-        raise ValueError(f"--quantize-order compares the two orders at one setting; give one --ratios value above 0 "
-                         f"and one --methods metric, got {len(ratios)} and {len(methods)}")
-    if methods[0] in MERGE_METHODS:
-        raise ValueError(f"--quantize-order ranks layers by a score; {methods[0]} merges layers instead, use bi")
-    require_backend(args.quantize_order)
+    (method,) = parse_methods(method)
+    if method in MERGE_METHODS:
+        raise ValueError(f"--quantize-order ranks layers by a score; {method} merges layers instead, use bi")
+    require_backend(quantize_method)
     started = time.perf_counter()
-    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load(model_name, device=device, dtype=dtype)
     num_layers = len(find_block_stack(model).blocks)
-    remove = _layers_to_remove(num_layers, ratios[0])
+    remove = _layers_to_remove(num_layers, ratio)
     if not 0 < remove < num_layers:
-        raise ValueError(f"ratio {ratios[0]} removes {remove} of {num_layers} layers; choose a ratio that removes some "
+        raise ValueError(f"ratio {ratio} removes {remove} of {num_layers} layers; choose a ratio that removes some "
                          "but not all")
-    report = quantization_order(model, tokenizer, remove=remove, method=args.quantize_order,
-                                metric=METHOD_ALIASES.get(methods[0], methods[0]), calib=args.calib,
-                                samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                                seed=args.seed, ppl_tokens=args.ppl_tokens or None, ppl_window=args.ppl_window)
-    report.update(model=args.model, ratio=ratios[0], seconds=round(time.perf_counter() - started, 1))
-    out_dir = Path(args.out_dir)
+    report = quantization_order(model, tokenizer, remove=remove, method=quantize_method,
+                                metric=METHOD_ALIASES.get(method, method), calib=calib, samples=samples,
+                                seq_len=seq_len, batch_size=batch_size, seed=seed, ppl_tokens=ppl_tokens,
+                                ppl_window=ppl_window)
+    report.update(model=model_name, ratio=ratio, seconds=round(time.perf_counter() - started, 1))
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quantization_order.json").write_text(json.dumps(report, indent=1))
     table = format_order_table(report) + f"\n\nsame layers removed in both orders: {report['same_layers']}\n"
     (out_dir / "quantization_order.md").write_text(table)
-    print(table)
-    print(f"wrote {out_dir}/quantization_order.json, quantization_order.md in {report['seconds']} s")
-    return 0
+    log(table)
+    log(f"wrote {out_dir}/quantization_order.json, quantization_order.md in {report['seconds']} s")
+    return report

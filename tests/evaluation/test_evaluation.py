@@ -262,14 +262,15 @@ def test_compare_scores_once_and_writes_table_and_plot(tokenizer, tmp_path, caps
     dense.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     out_dir = tmp_path / "cmp"
-    rc = main(["compare", str(tmp_path / "dense"), "--ratios", "0,0.2,0.5", "--methods", "bi,reverse,relmag",
+    rc = main(["compare", str(tmp_path / "dense"), "--ratios", "0,0.2,0.5", "--methods", "bi,reverse,relmag,laco",
                "--samples", "2", "--seq-len", "16", "--ppl", str(ppl_text), "--ppl-tokens", "64", "--ppl-window", "64", "--quiet",
                "--out-dir", str(out_dir)])
     assert rc == 0 and len(calls) == 1
     table = json.loads((out_dir / "compare.json").read_text())
     rows = {(r["method"], r["ratio"]): r for r in table["rows"]}
-    assert set(rows) == {("dense", 0.0)} | {(m, r) for m in ("bi", "reverse", "relmag") for r in (0.2, 0.5)}
+    assert set(rows) == {("dense", 0.0)} | {(m, r) for m in ("bi", "reverse", "relmag", "laco") for r in (0.2, 0.5)}
     assert rows[("reverse", 0.5)]["removed"] == [3, 4, 5]
+    assert len(rows[("laco", 0.5)]["removed"]) == 3 and rows[("laco", 0.5)]["laco"]["merged"]
     assert len(rows[("bi", 0.2)]["removed"]) == 1 and rows[("bi", 0.2)]["params_kept_pct"] < 100
     assert all(r["ppl"] > 1 for r in table["rows"])
     markdown = (out_dir / "compare.md").read_text()
