@@ -66,7 +66,7 @@ def score_kwargs(args: argparse.Namespace) -> dict:
     return dict(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                 padding=args.padding, angular_span=args.angular_span, device=args.device, dtype=args.dtype,
                 text_field=args.text_field, progress=not args.quiet, streamed=getattr(args, "streamed", None),
-                device_map=getattr(args, "device_map", None), metrics=getattr(args, "metric", None) or (),
+                device_map=getattr(args, "device_map", None), metrics=getattr(args, "user_metrics", None) or (),
                 quantize=getattr(args, "quantize", None),
                 trust_remote_code=getattr(args, "trust_remote_code", False))
 

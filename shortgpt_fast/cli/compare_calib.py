@@ -47,7 +47,7 @@ def run(args) -> int:
         args.model, _sources(args.calib), ratio=args.ratio, metric=args.rank_by, device=args.device, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, samples=args.samples, seq_len=args.seq_len,
         batch_size=args.batch_size, seed=args.seed, text_field=args.text_field, progress=not args.quiet,
-        metrics=args.metric or (), quantize=args.quantize)
+        metrics=args.user_metrics or (), quantize=args.quantize)
     result.pop("scores")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ def add_scoring_extras(parser) -> None:
     from ..evaluation.quantize import METHODS
 
     group = parser.add_argument_group("metrics and model")
-    group.add_argument("--metric", action="append", default=None, metavar="NAME",
+    # dest differs from prune's --metric (the ranking that chooses layers), which shares score_kwargs.
+    group.add_argument("--metric", action="append", default=None, metavar="NAME", dest="user_metrics",
                        help="also compute a registered user metric (repeatable): euclidean, secretly_linear, or one "
                             "added with shortgpt_fast.register_metric")
     group.add_argument("--quantize", default=None, choices=METHODS,
