@@ -82,7 +82,8 @@ class GGUFSource:
         return total
 
     def _array(self, gguf_name: str) -> tuple[np.ndarray, int]:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+        from gguf.constants import GGML_QUANT_SIZES
+        from gguf.constants import GGMLQuantizationType as Q
 
         path, offset, t = self._where[gguf_name]
         with open(path, "rb", buffering=0) as f:
