@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from shortgpt_fast.api import load
-from shortgpt_fast.evaluation.quantize import format_order_table, quantization_order
+from shortgpt_fast.experiments.quantize_order import format_order_table, quantization_order
 
 method = sys.argv[1] if len(sys.argv) > 1 else "nf4"
 dtype = sys.argv[2] if len(sys.argv) > 2 else "float32"

@@ -12,7 +12,6 @@ score -> prune -> quantize; the report shows whether quantization changed which 
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 from typing import Optional
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..errors import one_line
 from ..models import loading  # noqa: F401  (silences torchao import noise before transformers loads it)
-from .perplexity import EvaluationError, perplexity
+from . import EvaluationError
 
 METHODS = ("nf4", "int4")
 LIBRARIES = {"nf4": "bitsandbytes", "int4": "torchao"}
@@ -31,7 +30,8 @@ INT4_GROUP_SIZE = 64
 _ALTERNATIVE = {"nf4": "int4", "int4": "nf4"}
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """Refuse a 4-bit method other than nf4 / int4, naming both."""
     if method not in METHODS:
         raise EvaluationError(f"unknown quantization {method!r}; choose nf4 (bitsandbytes 4-bit NormalFloat) or "
                               "int4 (torchao int4 weight-only)")
@@ -59,7 +59,7 @@ def _import_torchao():
 
 def require_backend(method: str) -> None:
     """Fail on an unknown method or a missing library before minutes go into loading and scoring."""
-    _check_method(method)
+    check_method(method)
     if method == "nf4":
         _bnb_config(method, torch.float32)
     else:
@@ -110,7 +110,7 @@ def quantize(model: nn.Module, method: str = "nf4", device: Optional[str] = None
     holds a torchao int4 weight tensor (int4)."""
     from transformers import AutoModelForCausalLM
 
-    _check_method(method)
+    check_method(method)
     param = next(model.parameters())
     device = torch.device(device or param.device)
     if method == "nf4":
@@ -170,69 +170,3 @@ def _stored_bytes(t: torch.Tensor) -> int:
 def model_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers as stored (packed 4-bit weights count as their packed storage)."""
     return int(sum(_stored_bytes(t) for t in list(model.parameters()) + list(model.buffers())))
-
-
-def _measure(model: nn.Module, heldout: torch.Tensor, window: int) -> dict:
-    from ..models.architectures import find_block_stack
-
-    return {"perplexity": perplexity(model, heldout, window=min(window, heldout.numel()),
-                                     stride=max(1, min(window, heldout.numel()) // 2))["ppl"],
-            "bytes": model_bytes(model), "layers": len(find_block_stack(model).blocks)}
-
-
-def quantization_order(model: nn.Module, tokenizer, *, remove: int, method: str = "nf4", metric: str = "bi",
-                       calib=None, samples: int = 32, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
-                       ppl_tokens: Optional[int] = 4096, ppl_window: int = 256, log=print) -> dict:
-    """Run both orders on `model` (left unchanged) and report perplexity on the calibration text's held-out tail,
-    model size and the removed layers of each, beside the dense and the float-pruned model."""
-    from ..api import score
-    from ..data.calibration import heldout_tokens, read_documents
-    from ..surgery.in_memory import prune_model
-
-    _check_method(method)
-
-    docs, _ = read_documents(calib)
-    heldout = heldout_tokens(tokenizer, docs)[:ppl_tokens]
-    score_kwargs = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                        progress=False)
-
-    log("scoring the float model")
-    float_scores = score(model, calib, **score_kwargs)
-    float_layers = float_scores.select(metric, remove)
-    dense = _measure(model, heldout, ppl_window)
-    pruned_float = prune_model(copy.deepcopy(model), float_layers)
-    float_pruned = dict(_measure(pruned_float, heldout, ppl_window), removed=float_layers)
-
-    log(f"order 1: quantize ({method}) -> score -> prune")
-    quantized = quantize(model, method)
-    quantized_dense = _measure(quantized, heldout, ppl_window)
-    q_scores = score(quantized, calib, **score_kwargs)
-    q_layers = q_scores.select(metric, remove)
-    first = prune_model(quantized, q_layers)
-    quantize_first = dict(_measure(first, heldout, ppl_window), removed=q_layers,
-                          four_bit_modules=len(four_bit_modules(first)))
-    del first, quantized
-
-    log(f"order 2: score -> prune -> quantize ({method})")
-    second = quantize(pruned_float, method)
-    prune_first = dict(_measure(second, heldout, ppl_window), removed=float_layers,
-                       four_bit_modules=len(four_bit_modules(second)))
-    del second, pruned_float
-
-    return {"method": method, "library": LIBRARIES[method], "metric": metric, "remove": remove,
-            "heldout_tokens": int(heldout.numel()), "dense": dense, "dense_quantized": quantized_dense,
-            "pruned_float": float_pruned, "quantize_score_prune": quantize_first,
-            "score_prune_quantize": prune_first, "same_layers": sorted(q_layers) == sorted(float_layers),
-            "bi_float": [float(v) for v in float_scores.bi], "bi_quantized": [float(v) for v in q_scores.bi]}
-
-
-def format_order_table(report: dict) -> str:
-    rows = [("dense (float)", report["dense"], None), (f"dense ({report['method']})", report["dense_quantized"], None),
-            ("score -> prune (float)", report["pruned_float"], report["pruned_float"]["removed"]),
-            ("quantize -> score -> prune", report["quantize_score_prune"], report["quantize_score_prune"]["removed"]),
-            ("score -> prune -> quantize", report["score_prune_quantize"], report["score_prune_quantize"]["removed"])]
-    out = ["| model | layers | perplexity | size (MB) | removed |", "|---|---:|---:|---:|---|"]
-    for label, r, removed in rows:
-        out.append(f"| {label} | {r['layers']} | {r['perplexity']:.3f} | {r['bytes'] / 1e6:.2f} | "
-                   f"{', '.join(map(str, removed)) if removed is not None else ''} |")
-    return "\n".join(out)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..evaluation.evaluate import check_inputs_early, evaluate, with_stderr
-from ..evaluation.quantize import format_order_table, quantization_order, quantize, require_backend
+from ..evaluation.quantize import quantize, require_backend
+from .quantize_order import format_order_table, quantization_order
 
 # Short method names used by the issue and the paper's baselines; the values are Scores metric names.
 METHOD_ALIASES = {"relmag": "relative_magnitude", "angular_last": "angular_last_token"}

@@ -11,13 +11,8 @@ from tiny_models import tiny_llama, tiny_llama_real_vocab
 
 from shortgpt_fast.cli import main
 from shortgpt_fast.evaluation import EvaluationError
-from shortgpt_fast.evaluation.quantize import (
-    format_order_table,
-    four_bit_modules,
-    model_bytes,
-    quantization_order,
-    quantize,
-)
+from shortgpt_fast.evaluation.quantize import four_bit_modules, model_bytes, quantize
+from shortgpt_fast.experiments.quantize_order import format_order_table, quantization_order
 
 LIBRARY = {"nf4": "bitsandbytes", "int4": "torchao"}
 
