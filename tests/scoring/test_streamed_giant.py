@@ -91,9 +91,10 @@ def bi(stats) -> torch.Tensor:
 def test_moe_block_larger_than_the_budget_streams_in_expert_groups(family, tmp_path):
     model = build(family)
     moe, dense, rest, expert = part_sizes(model)
-    # Half the budget holds the largest dense block and a MoE block less its experts plus two experts, so every MoE
-    # block runs in groups of two (the last one odd-sized) while the whole budget is below one MoE block.
-    budget = 2 * max(dense, rest + 2 * expert)
+    # The budget holds a dense block computing and the next loading (3x: loading takes twice a part's size), and a
+    # MoE block less its experts with groups of two experts, so every MoE block runs in groups of two (the last one
+    # odd-sized) while the whole budget is below one MoE block.
+    budget = max(3 * dense, rest + 3 * 2 * expert)
     assert budget < moe, "the premise: one MoE block does not fit the budget"
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     calib = calibration()
@@ -117,7 +118,7 @@ def test_whole_blocks_when_the_budget_holds_two(tmp_path):
     moe, _dense, _rest, _expert = part_sizes(model)
     calib = calibration()
     whole = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=2, angular_span=2, progress=False,
-                                         memory_budget=2 * moe)
+                                         memory_budget=3 * moe)
     assert whole.streaming["blocks_in_parts"] == [] and whole.streaming["expert_groups"] == 0
     expected = collect_layer_stats(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), calib, batch_size=2,
                                    angular_span=2, progress=False)
@@ -127,13 +128,17 @@ def test_whole_blocks_when_the_budget_holds_two(tmp_path):
 def test_a_budget_too_small_for_one_expert_says_how_much_is_needed(tmp_path):
     model = build("deepseek_v3")
     model.save_pretrained(tmp_path)
-    _moe, dense, rest, expert = part_sizes(model)
+    _moe, dense, _rest, _expert = part_sizes(model)
     with pytest.raises(StreamingError, match=r"block 0 needs .* MB and has no routed experts.*raise --memory-budget"):
         collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, memory_budget=dense)
-    budget = 2 * max(dense, rest)  # dense blocks fit, a MoE block less its experts fits, one more expert does not
-    with pytest.raises(StreamingError, match=r"block 1 less its experts .* plus one expert .*raise --memory-budget "
-                                             r"to at least"):
-        collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, memory_budget=budget)
+    mixtral = build("mixtral")  # MoE in every layer
+    mixtral.save_pretrained(tmp_path / "mixtral")
+    _moe, _dense, rest, expert = part_sizes(mixtral)
+    # The block less its experts fits, one expert computing and one loading (three times its size) do not.
+    with pytest.raises(StreamingError, match=r"block 0 less its experts .* plus one expert computing and one loading "
+                                             r".*raise --memory-budget to at least"):
+        collect_layer_stats_streamed(str(tmp_path / "mixtral"), calibration(), progress=False,
+                                     memory_budget=rest + 2 * expert)
 
 
 def test_deepseek_mtp_layer_is_not_scored_and_does_not_break_streaming(tmp_path):
