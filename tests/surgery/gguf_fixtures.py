@@ -104,3 +104,19 @@ def smollm2_gguf() -> Optional[Path]:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return path if path.exists() else None
+
+
+def without_tokenizer(src: Path, dst: Path) -> Path:
+    """`src` without its tokenizer.ggml.* vocabulary arrays (the model and its tensors byte for byte): transformers
+    and gguf-py spend most of a small model's load time parsing them, and the model config does not need them."""
+    from shortgpt_fast.io.gguf import read_header
+    from shortgpt_fast.surgery.gguf_cut import _C
+
+    h = read_header(src)
+    with open(src, "rb") as f:
+        raw = f.read(h.data_start)
+    records = [raw[kv.record[0]:kv.record[1]] for kv in h.kvs.values() if not kv.key.startswith("tokenizer.ggml.")]
+    tensors = [(t.name, list(t.dims), t.ggml_type, t.offset) for t in h.tensors]
+    header = _C.gguf_render_header(h.version, records, tensors, h.alignment)
+    _C.write_file(str(src), str(dst), header, [(h.data_start, h.data_size)])
+    return dst
