@@ -124,23 +124,27 @@ print(r.method, r.part_kinds)
 """
 
 
-def run_child(cmd: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of one child process, its stdout discarded."""
-    start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.environ["PYTHONPATH"] = str(ROOT)
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, 1)
-            os.execvp(cmd[0], cmd)
-        finally:
-            os._exit(127)
-    _, status, usage = os.wait4(pid, 0)
-    seconds = time.perf_counter() - start
+def run_child(cmd: list[str]) -> tuple[float, int, str]:
+    """(seconds, peak RSS in bytes, last stdout line) of one child process."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.environ["PYTHONPATH"] = str(ROOT)
+                os.dup2(out.fileno(), 1)
+                os.execvp(cmd[0], cmd)
+            finally:
+                os._exit(127)
+        _, status, usage = os.wait4(pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        lines = out.read().decode(errors="replace").strip().splitlines()
     if status != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} exited with status {status}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_maxrss * 1024, lines[-1] if lines else ""
 
 
 def main() -> None:
@@ -165,7 +169,7 @@ def main() -> None:
         print(f"generated {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
     size = src.stat().st_size
     py = sys.executable
-    results: dict[str, tuple[float, int]] = {}
+    results: dict[str, tuple[float, int, str]] = {}
 
     def clean(*paths):
         for p in paths:
@@ -173,7 +177,7 @@ def main() -> None:
                 p.unlink()
 
     # warm the source once so every method reads it from the same (warm) cache
-    run_child(["cat", str(src)])
+    subprocess.run(["sh", "-c", 'cat "$0" > /dev/null', str(src)], check=True)
     out = work / "out.gguf"
     clean(out)
     # cp and the gguf-py rewrite are followed by `sync FILE` so that, like the cut (which fsyncs), they are timed
@@ -205,7 +209,8 @@ def main() -> None:
                   "removed": removed, "bytes_after": kept_size},
         "cache": "warm (page cache not dropped on a shared machine)",
         "methods": {name: {"seconds": round(t, 3), "GB_per_s": round(size / t / 1e9, 3), "peak_rss_MB":
-                           round(rss / 2**20, 1)} for name, (t, rss) in results.items()},
+                           round(rss / 2**20, 1), **({"engine": said} if said else {})}
+                    for name, (t, rss, said) in results.items()},
     }
     m = report["methods"]
     report["ratios"] = {

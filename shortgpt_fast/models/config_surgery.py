@@ -692,8 +692,11 @@ def apply_to_config(config: Any, removed: Sequence[int]) -> dict[int, int]:
     before = config.to_dict()
     # Remote-code configs (Baichuan-style) may store the count under their own name and expose the standard one only
     # through attribute_map; the live config says which, and setting the standard name writes the real field.
+    # Encoder-decoder families alias it to one half (`encoder_layers` in BART, Whisper), which is not the decoder
+    # stack a causal-LM prune removes from, so those keep refusing for want of a count.
     alias = (getattr(type(config), "attribute_map", None) or {}).get("num_hidden_layers")
-    if alias and not _has_count(before) and _is_int(before.get(alias)):
+    if (alias and not alias.startswith(("encoder_", "decoder_")) and not _has_count(before)
+            and _is_int(before.get(alias))):
         before = dict(before, num_hidden_layers=before[alias])
     num_layers = layer_count(before) if _has_count(before) else None
     after = prune_config_dict(before, removed, num_layers)
