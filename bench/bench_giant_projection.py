@@ -92,6 +92,13 @@ def project(measured: dict) -> dict:
             "assumed_gpu": ASSUMED_GPU, "dense_layers_left_out": True, "rows": rows}
 
 
+def _duration(seconds: float) -> str:
+    # GPU rows take minutes, CPU rows hours: one unit for both printed 0.0 h for every GPU row.
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def main() -> None:
     report = project(json.loads((RESULTS / "giant.json").read_text()))
     (RESULTS / "giant_projection.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -100,7 +107,7 @@ def main() -> None:
     for r in report["rows"]:
         print(f"| {r['model']} | {r['target']} | {r['tokens']:,} | {r['fp8_gb_per_layer']:.1f} | "
               f"{r['read_s_per_layer']:.1f} | {r['dequantize_s_per_layer']:.1f} | {r['compute_s_per_layer']:.1f} | "
-              f"{r['total_hours']:.1f} h | {r['bound']} | {r['weights_held_gb']:.0f} GB"
+              f"{_duration(r['total_hours'] * 3600)} | {r['bound']} | {r['weights_held_gb']:.0f} GB"
               f"{' (experts in groups)' if r['experts_in_groups'] else ''} |")
 
 

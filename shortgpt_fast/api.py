@@ -90,6 +90,8 @@ def score(
     progress: bool = True,
     streamed: Optional[bool] = None,
     activation_budget: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    compute_dtype: Optional[str] = None,
     device_map=None,
     metrics: Sequence[str] = (),
     quantize: Optional[str] = None,
@@ -107,8 +109,12 @@ def score(
     (sf.register_metric) computed beside the built-in ones. quantize="nf4" (bitsandbytes) or "int4" (torchao) scores a
     4-bit copy of the model (evaluation/quantize.py, as `eval --quantize`). trust_remote_code as in `load`.
 
+    memory_budget (bytes of weights in flight) and compute_dtype ("auto", "float32", "bfloat16", "float16") are
+    passed to streamed scoring (scoring/streamed.py) and imply streamed=True; what was chosen and why is in
+    `.calibration` (compute_dtype, compute_dtype_reason, quantization, blocks_in_parts).
+
     Raises ValueError for streamed=True with a loaded module, with device_map, with metrics, quantize or
-    trust_remote_code; loading, calibration and scoring
+    trust_remote_code, and for memory_budget or compute_dtype without streaming; loading, calibration and scoring
     refusals surface as their own ShortGPTError subclasses (ModelLoadError, CalibrationError, ScoringError).
     """
     from .scoring.distributed import init_from_environment, launched_by_torchrun, scored_in_shares
@@ -124,6 +130,13 @@ def score(
         raise ValueError("streamed scoring reads the checkpoint itself; pass the model as a path or alias")
     if device_map is not None and streamed:
         raise ValueError("device_map spreads a loaded model over GPUs; streamed scoring loads one block at a time")
+    streamed_only = [flag for flag, on in (("memory_budget", memory_budget is not None),
+                                           ("compute_dtype", compute_dtype is not None)) if on]
+    if streamed_only and (streamed is False or not isinstance(model, str)):
+        raise ValueError(f"{streamed_only[0]} applies to streamed scoring only; pass the model as a path and "
+                         "streamed=True (--streamed), or drop it")
+    if streamed_only and streamed is None:
+        streamed = True  # asking for a weight budget or a compute dtype is asking to stream
     in_memory_only = [flag for flag, on in (("metrics", metrics), ("quantize", quantize),
                                             ("trust_remote_code", trust_remote_code)) if on]
     if in_memory_only and streamed:
@@ -150,7 +163,8 @@ def score(
         def score_share(share):
             stats = collect_layer_stats_streamed(model, share, batch_size=batch_size, angular_span=angular_span,
                                                  device=device, dtype=dtype, progress=progress,
-                                                 activation_budget=activation_budget)
+                                                 activation_budget=activation_budget, memory_budget=memory_budget,
+                                                 compute_dtype=compute_dtype)
             streaming_info.update(stats.streaming)
             return stats
 
@@ -187,7 +201,9 @@ def score(
     if streamed:
         settings["streamed"] = True
         timings.update({f"streamed_{k}": v for k, v in streaming_info.items() if k.endswith("_s")})
-        settings["activations"] = streaming_info.get("activations")
+        for key in ("activations", "memory_budget", "compute_dtype", "compute_dtype_reason", "quantization",
+                    "blocks_in_parts"):
+            settings[key] = streaming_info.get(key)
     return Scores(model=str(name), stats=stats, calibration=settings, seed=seed, timings=timings)
 
 

@@ -121,3 +121,23 @@ def positive_int_or_all(text: str):
     if str(text).strip().lower() == "all":
         return "all"
     return positive_int(text)
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?", re.ASCII | re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: a whole number, or a number with a unit (500MB, 1.5GiB, 64GB); at least 1 MB, since a
+    smaller weight budget cannot hold any real block and only produces a slower refusal."""
+    m = _SIZE.fullmatch(str(text).strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GB or 512MiB, got {text!r:.60}")
+    value = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if not value < 2**62:
+        raise argparse.ArgumentTypeError(f"{text!r:.60} is too large")
+    if value < 10**6:
+        raise argparse.ArgumentTypeError(f"must be at least 1MB, got {text!r:.60}")
+    return int(value)
+

@@ -10,6 +10,7 @@ from ..errors import MAX_ERROR_CHARS
 
 EXIT_USAGE = 2
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto",) + DTYPE_CHOICES  # as scoring.hardware.COMPUTE_DTYPES, which a test holds equal
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,6 +58,12 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--streamed", action="store_const", const=True, default=None,
                        help="score one block at a time from the checkpoint's shards (models larger than memory); "
                             "chosen automatically when the model would not fit")
+    group.add_argument("--memory-budget", type=T.byte_size, default=None, metavar="SIZE",
+                       help="streamed scoring: bytes the weights in flight may take, e.g. 16GB (default: a share of "
+                            "free memory); blocks larger than a third of it load in parts")
+    group.add_argument("--compute-dtype", default=None, choices=COMPUTE_DTYPES,
+                       help="streamed scoring: the dtype blocks compute in (default: --dtype); 'auto' picks bfloat16 "
+                            "on CPUs with native BF16 matmuls, the checkpoint's dtype on GPUs")
     group.add_argument("--device-map", default=None,
                        help="accelerate device map such as 'auto': one model spread over several GPUs, in memory")
 
@@ -66,7 +73,8 @@ def score_kwargs(args: argparse.Namespace) -> dict:
     return dict(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                 padding=args.padding, angular_span=args.angular_span, device=args.device, dtype=args.dtype,
                 text_field=args.text_field, progress=not args.quiet, streamed=getattr(args, "streamed", None),
-                device_map=getattr(args, "device_map", None), metrics=getattr(args, "user_metrics", None) or (),
+                device_map=getattr(args, "device_map", None), memory_budget=getattr(args, "memory_budget", None),
+                compute_dtype=getattr(args, "compute_dtype", None), metrics=getattr(args, "user_metrics", None) or (),
                 quantize=getattr(args, "quantize", None),
                 trust_remote_code=getattr(args, "trust_remote_code", False))
 

@@ -285,6 +285,10 @@ def _kimi_old_form(cfg: dict) -> dict:
     return cfg
 
 
+KOLIBRI_SHARED_KV = ["indexed_attention", "indexed_attention", "sliding_attention", "indexed_attention",
+                     "indexed_attention", "sliding_attention"]
+
+
 def _old_form_config(model_type: str, rewrite: Callable[[dict], dict], **overrides):
     """The tiny config of `model_type`, rebuilt from its older-form dict, so memory and checkpoint agree."""
     def make():
@@ -307,6 +311,9 @@ def _variants() -> list[Row]:
             _old_form_config("qwen3_next", _qwen3_next_old_form), old_form=_qwen3_next_old_form),
         Row("kimi_linear (linear_attn_config)", "kimi_linear",
             _old_form_config("kimi_linear", _kimi_old_form), old_form=_kimi_old_form),
+        # Layers 1 and 3 read layer 0's K/V and layer 0, 3 and 4 run indexers: the cut renumbers sources and indexers.
+        Row("kolibri1_1 (shared K/V)", "kolibri1_1", _generic("kolibri1_1", layer_types=KOLIBRI_SHARED_KV, index_layers=[0, 3, 4],
+                                                 kv_source_layers=[0, 0, 2, 0, 4, 5])),
         # Five layers: as many as falcon_h1's five (non-per-layer) ssm_multipliers.
         Row("falcon_h1 (5 layers)", "falcon_h1", _generic("falcon_h1", num_hidden_layers=5), remove=(1, 3)),
     ]

@@ -195,6 +195,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # Sliding layers use plain heads as wide as the latent ones (nope + rope).
     "dots3_note_text": {"head_dim": 16},
     "dots3_note": {"text_config.head_dim": 16},
+    # Keys and values are rounded to NVFP4 in blocks of 16; the indexer reads at most the query heads of one KV head.
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 2},
     "xlstm": {"num_blocks": LAYERS, "num_heads": 2},
     "reformer": {"is_decoder": True},
     "dots1": {"n_routed_experts": EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": TOP_K,

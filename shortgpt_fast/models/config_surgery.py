@@ -46,6 +46,8 @@ PER_LAYER_LIST_KEYS = (
     "attention_layers",
     "swiglu_limits",
     "swiglu_limits_shared",
+    "expert_swiglu_limit_list",  # bailing_hybrid: the serialized names of the two above
+    "share_expert_swiglu_limit_list",
     "intermediate_size",  # gemma3n_text: an int, or a list with one width per layer (sliced only when a list)
     "attn_layers",  # reformer: the attention kind of each layer
 )
@@ -62,7 +64,12 @@ LAYER_INDEX_LIST_KEYS = (
     "hybrid_layer_ids",
     "local_layer_ids",
     "cross_attention_layers",
+    "index_layers",  # kolibri1_1: the indexed-attention layers that run their own indexer
 )
+
+# Lists with one entry per layer whose values are layer indices (kolibri1_1 `kv_source_layers`: the layer whose K/V
+# each layer reads): sliced, then renumbered. A kept layer that reads a removed layer's K/V cannot be described.
+LAYER_SOURCE_LIST_KEYS = ("kv_source_layers",)
 
 # Integers meaning "the first k layers": becomes the number of kept layers below k.
 LEADING_COUNT_KEYS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
@@ -603,6 +610,16 @@ def _prune_stack_config(cfg: dict, removed: list[int], num_layers: int, mapping:
                 raise ConfigSurgeryError(f"config field {key!r} lists {bad}, which are not layer indices "
                                          f"0..{num_layers - 1}; fix the source config before pruning")
             cfg[key] = [mapping[i] for i in value if i in mapping]
+        elif key in LAYER_SOURCE_LIST_KEYS and isinstance(value, (list, tuple)):
+            if len(value) != num_layers or not all(_is_int(i) and 0 <= i < num_layers for i in value):
+                raise ConfigSurgeryError(f"config field {key!r} must name one layer index 0..{num_layers - 1} per "
+                                         "layer; fix the source config before pruning")
+            orphans = [i for i in kept if value[i] not in mapping]
+            if orphans:
+                raise ConfigSurgeryError(
+                    f"config field {key!r}: kept layers {orphans} read the K/V of removed layers "
+                    f"{sorted({value[i] for i in orphans})}; remove those readers too, or keep their sources")
+            cfg[key] = [mapping[value[i]] for i in kept]
         elif key in LEADING_COUNT_KEYS and _is_int(value):
             cfg[key] = sum(1 for i in kept if i < value)
         elif key in PER_LAYER_STRING_KEYS and isinstance(value, str) and len(value) == num_layers:

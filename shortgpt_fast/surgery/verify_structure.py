@@ -255,6 +255,9 @@ def compare_per_layer_config(old_norm: dict, new_norm: dict, mapping: Mapping[in
         if holds_layer_indices("layer", value) and sorted(set(value)) == list(value) and value[-1] < n_old \
                 and list(after) == _renumbered(list(value), mapping):
             continue  # a list of layer indices that happens to name every layer (llama4 Scout's moe_layers)
+        if holds_layer_indices("layer", value) and all(0 <= value[i] < n_old and value[i] in mapping for i in mapping) \
+                and list(after) == [mapping[value[i]] for i in sorted(mapping)]:
+            continue  # one layer reference per layer (kolibri's kv_source_layers): each kept layer reads the same one
         for i, j in mapping.items():
             if value[i] != after[j]:
                 raise StructureMismatch(f"config field {key!r}: layer {i} was {value[i]!r} but its new index {j} "

@@ -84,6 +84,9 @@ def test_prune_scores_and_writes_report_with_plot(tiny_checkpoint, tmp_path, cap
     (["score", "{ckpt}", "--calib", "{short}", "--out", "r.json"], "shorter than one sequence"),
     (["score", "{notmodel}", "--out", "r.json"], "not a Hugging Face model folder"),
     (["prune", "{ckpt}", "{out}", "--report", "/nonexistent/report.json", "--remove", "1"], "does not exist"),
+    (["score", "{ckpt}", "--memory-budget", "12 bananas", "--out", "r.json"], "expected a size such as 8GB"),
+    (["score", "{ckpt}", "--memory-budget", "4KB", "--out", "r.json"], "must be at least 1MB"),
+    (["score", "{ckpt}", "--compute-dtype", "float8", "--out", "r.json"], "invalid choice"),
 ])
 def test_bad_input_gives_one_line_error(argv, message, tiny_checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty"
@@ -102,6 +105,16 @@ def test_bad_input_gives_one_line_error(argv, message, tiny_checkpoint, tmp_path
     assert len(lines) == 1 and message in lines[0], err
     assert not out.exists(), "a failed prune left OUT_DIR behind"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_memory_budget_and_compute_dtype_flags_stream_and_are_reported(tiny_checkpoint, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    rc, out, err = run_cli(capsys, "score", tiny_checkpoint, "--samples", 2, "--seq-len", 16, "--quiet",
+                           "--memory-budget", "1.5GiB", "--compute-dtype", "float32", "--out", report)
+    assert rc == 0, err
+    settings = json.loads(report.read_text())["calibration"]
+    assert settings["streamed"] is True and settings["memory_budget"] == int(1.5 * 2**30)
+    assert settings["compute_dtype"] == "float32"
 
 
 def test_model_without_block_stack_is_rejected():

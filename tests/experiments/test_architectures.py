@@ -239,16 +239,29 @@ def test_model_type_through_the_whole_path(name):
             elif got not in (PASS, SKIPPED, NOT_APPLICABLE) and not got.startswith("as before prune:"):
                 problems[step] = got
     assert not problems, f"{name}: {problems}"
+    _skip_unless_readme_measured_with_installed_transformers()
     in_readme = support_matrix.readme_rows(README.read_text()).get(name)
     assert in_readme == support_matrix.format_row(result), (
         "README's architecture table is stale for this row; regenerate it with "
         "`shortgpt-fast archs --write-readme README.md`")
 
 
+def _skip_unless_readme_measured_with_installed_transformers() -> None:
+    """The README records the matrix of one transformers release (the one `.[test]` pins); each release adds model
+    types and rewords errors, so under another one only the correctness of each row is checked, not the record."""
+    import transformers
+
+    first = support_matrix.readme_table(README.read_text()).splitlines()[0]
+    assert first.startswith("Measured with transformers "), first
+    recorded = first.split()[3].rstrip(",")
+    if recorded != transformers.__version__:
+        pytest.skip(f"README's table was measured with transformers {recorded}, {transformers.__version__} is installed")
+
+
 def test_readme_table_has_exactly_the_matrix_rows_in_order():
+    _skip_unless_readme_measured_with_installed_transformers()
     table = support_matrix.readme_table(README.read_text())
     lines = table.splitlines()
-    assert lines[0].startswith("Measured with transformers ")
     assert lines[2] == "| " + " | ".join(support_matrix.HEADER) + " |"
     assert list(support_matrix.readme_rows(README.read_text())) == list(support_matrix.rows())
 

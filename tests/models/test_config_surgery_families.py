@@ -262,6 +262,27 @@ def test_kimi_linear_nested_one_based_lists_are_renumbered(tmp_path):
 # falcon_h1 with 5 layers: `ssm_multipliers` has 5 entries and is not per-layer.
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# kolibri1_1: `kv_source_layers` has one entry per layer whose value is a layer index (the layer whose K/V it reads).
+
+
+def kolibri_shared_kv():
+    from shortgpt_fast.experiments.support_matrix import rows
+
+    return rows()["kolibri1_1 (shared K/V)"].make_config()
+
+
+def test_kolibri_kv_sources_are_sliced_then_renumbered(tmp_path):
+    # Old layers 1 and 3 read layer 0; removing 1 and 4 keeps 0, 2, 3, 5 and layer 3 (new 2) still reads layer 0.
+    cfg = check_both(kolibri_shared_kv(), [1, 4], tmp_path)
+    assert cfg["kv_source_layers"] == [0, 1, 0, 3]
+    assert cfg["index_layers"] == [0, 2]
+
+
+def test_kolibri_reader_of_a_removed_kv_source_is_refused(tmp_path):
+    assert_refused(kolibri_shared_kv(), [0], tmp_path, match=r"kv_source_layers.*kept layers \[1, 3\] read the K/V of removed layers \[0\]")
+
+
 def test_falcon_h1_multipliers_are_not_per_layer(tmp_path):
     config = AutoConfig.for_model(
         "falcon_h1", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,

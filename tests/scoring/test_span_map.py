@@ -23,7 +23,9 @@ def test_span_map_equals_n_span_values_and_float64_reference(tmp_path):
         mask[row, 23 - n:] = 1
     calib = from_tensors(ids, mask)
     full = Scores("tiny", collect_layer_stats(model, calib, batch_size=2, angular_span="all", progress=False), {})
-    short = Scores("tiny", collect_layer_stats(model, calib, batch_size=3, angular_span=3, progress=False), {})
+    # Same batch size: torch's own float32 forward is not batch-shape invariant (a (3, 23) GEMM may round differently
+    # from a (2, 23) one), and this compares two read-outs of one forward, not two forwards.
+    short = Scores("tiny", collect_layer_stats(model, calib, batch_size=2, angular_span=3, progress=False), {})
     grid = full.span_map()
     assert grid.shape == (7, 7)
     for n in (1, 2, 3):

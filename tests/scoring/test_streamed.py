@@ -305,3 +305,32 @@ def test_peak_rss_stays_within_a_few_blocks(tmp_path):
     grown = measured["peak"] - measured["baseline"]
     assert total > 250e6 and bound < total / 2, "the bound must be well below the checkpoint, or the test proves nothing"
     assert grown <= bound, f"peak grew {grown / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, model {total / 2**20:.0f} MiB"
+
+
+def test_memory_budget_and_compute_dtype_reach_streamed_scoring_and_the_report(tmp_path):
+    model = tiny_mistral()
+    model.save_pretrained(tmp_path / "m")
+    calib = padded_calibration()
+    in_memory = api.score(model, calib, batch_size=3, angular_span=2, progress=False)
+    budget = 2 * 10**6
+    # No streamed=True: asking for a weight budget is asking to stream.
+    got = api.score(str(tmp_path / "m"), calib, batch_size=3, angular_span=2, progress=False, memory_budget=budget,
+                    compute_dtype="float32")
+    settings = got.calibration
+    assert settings["streamed"] is True and settings["memory_budget"] == budget
+    assert settings["compute_dtype"] == "float32" and settings["compute_dtype_reason"]
+    assert settings["quantization"] is None and isinstance(settings["blocks_in_parts"], list)
+    assert got.ranking("bi") == in_memory.ranking("bi")
+    assert json.loads(json.dumps(got.to_dict()))["calibration"]["memory_budget"] == budget  # stable JSON
+
+    with pytest.raises(ValueError, match="memory_budget applies to streamed scoring only"):
+        api.score(model, calib, progress=False, memory_budget=budget)
+    with pytest.raises(ValueError, match="compute_dtype applies to streamed scoring only"):
+        api.score(str(tmp_path / "m"), calib, progress=False, streamed=False, compute_dtype="auto")
+
+
+def test_cli_compute_dtypes_are_the_library_ones():
+    from shortgpt_fast.cli.common import COMPUTE_DTYPES as cli_choices
+    from shortgpt_fast.scoring.hardware import COMPUTE_DTYPES
+
+    assert cli_choices == COMPUTE_DTYPES
