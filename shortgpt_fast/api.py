@@ -382,14 +382,15 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
     given) and a model card stating the removal once.
 
     Local checkpoint folders go through checkpoint surgery (no model load; never a silent fallback to loading: on a
-    70B checkpoint that would be an OOM); anything else is pruned in memory. Either way the folder is staged beside
+    70B checkpoint that would be an OOM), a .gguf file through the GGUF cut (OUT_DIR holds the cut .gguf, its
+    quantized blocks untouched); anything else is pruned in memory. Either way the folder is staged beside
     OUT_DIR with the report inside and renamed at the end (io/durable.py), so a failure leaves no half-written folder.
     Returns the report written as report.json, with "engine" naming the path taken.
 
     Example: prune_to_dir("ckpt/", Path("ckpt-pruned"), [21, 22, 25], "manual")
     """
     from .io.durable import check_out_dir, staged_folder
-    from .models.loading import config_layer_count, is_local_checkpoint, resolve_model_path
+    from .models.loading import config_layer_count, gguf_model_file, is_local_checkpoint, resolve_model_path
     from .surgery.model_card import removal_section
 
     out_dir = Path(out_dir)
@@ -401,6 +402,21 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
     else:
         num_layers = config_layer_count(model)
     files, report_dict = _report_files(model, layers, metric, num_layers, scores, report)
+    gguf = gguf_model_file(model) if isinstance(model, str) else None
+    if gguf is not None:
+        from .io.gguf import split_base_name
+        from .surgery.gguf_cut import cut_gguf
+
+        with staged_folder(out_dir) as staged:
+            # Quantized blocks are carried as they are: the output is the same kind of file, minus the layers.
+            cut_gguf(gguf, layers, out=staged.path / f"{split_base_name(gguf)}.gguf", chosen_by=metric,
+                              check=verify)
+            for name, data in files.items():
+                (staged.path / name).write_bytes(data)
+            (staged.path / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,
+                                                                   source=model, report=True))
+        report_dict["engine"] = "gguf-surgery"
+        return report_dict
     if is_local_checkpoint(model):
         from .surgery.checkpoint import cut_checkpoint
 

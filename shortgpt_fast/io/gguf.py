@@ -92,6 +92,13 @@ def read_header(path: Union[str, os.PathLike]) -> GGUFHeader:
                       d["data_size"], kvs, tensors)
 
 
+def split_base_name(path: Union[str, os.PathLike]) -> str:
+    """The model's name without `.gguf` or a split set's `-0000k-of-0000N` (NAME for NAME-00001-of-00003.gguf)."""
+    path = Path(path)
+    m = _SPLIT_NAME.match(path.name)
+    return m.group("base") if m else path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
 def split_parts(path: Union[str, os.PathLike]) -> list[Path]:
     """The files of the model `path` belongs to: [path] for a single file, every part in order for a split set
     (any part may be given). Refuses a set with a missing part; the parts' headers are checked by read_set."""

@@ -177,14 +177,23 @@ def resolve_model_path(model: str) -> str:
         return str(target)
     path = Path(model).expanduser()
     if path.exists():
+        if gguf_model_file(str(path)) is not None:
+            return str(path)
         if not path.is_dir():
-            raise ModelLoadError(f"{model} is a file, not a model folder; pass the folder holding config.json")
+            raise ModelLoadError(f"{model} is a file, not a model folder; pass the folder holding config.json "
+                                 "(or a .gguf file)")
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{model} holds no config.json, so it is not a Hugging Face model folder")
         return str(path)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
         raise ModelLoadError(f"model path {model} does not exist; check the path or use the alias {DEFAULT_MODEL}")
     return model  # a hub id, for users who are online
+
+
+def gguf_model_file(model: str) -> Optional[Path]:
+    """The file, when MODEL is a local .gguf file (one file, or any part of a split set); else None."""
+    path = Path(model).expanduser()
+    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
 def is_local_checkpoint(model: str) -> bool:
@@ -204,12 +213,14 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     path = resolve_model_path(model)
+    gguf = gguf_model_file(path)
+    source, extra = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf is not None else (path, {})
     if trust_remote_code:
         _warn_remote_code(path)
-    else:
+    elif gguf is None:
         _refuse_untrusted_remote_code(model, path)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise _remote_code_refusal(model, err) or ModelLoadError(
             f"cannot load a config for {model!r}: {one_line(err)}") from None
@@ -217,7 +228,17 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
     if device_map is not None:
         kwargs["device_map"] = device_map
     auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-    net = auto.from_pretrained(path, config=config, **kwargs)
+    if gguf is None:
+        net = auto.from_pretrained(source, config=config, **kwargs)
+    else:
+        # transformers reads one GGUF file and random-initialises whatever it did not find there (the other parts of
+        # a split set, tensors its GGUF tables do not map), with only a log line: refuse instead.
+        net, info = auto.from_pretrained(source, config=config, output_loading_info=True, **extra, **kwargs)
+        if info["missing_keys"]:
+            raise ModelLoadError(
+                f"{model}: transformers found no GGUF tensor for {len(info['missing_keys'])} weights (e.g. "
+                f"{sorted(info['missing_keys'])[0]}); a split GGUF or an architecture its GGUF tables only partly "
+                "cover cannot load in memory. Score it with --streamed, or merge a split set with llama-gguf-split")
     if trust_remote_code and getattr(config, "auto_map", None):
         register_remote_classes(net)
     if device_map is None:
@@ -230,8 +251,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     """The tokenizer of a checkpoint folder, alias or hub id, or ModelLoadError in one line."""
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(model)
+    gguf = gguf_model_file(path)
+    source, extra = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf is not None else (path, {})
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise _remote_code_refusal(model, err) or ModelLoadError(
             f"cannot load a tokenizer for {model!r}: {one_line(err)}") from None
@@ -251,4 +275,8 @@ def config_layer_count(model: str) -> int:
 
     from .config_surgery import layer_count
 
-    return layer_count(AutoConfig.from_pretrained(resolve_model_path(model)).to_dict())
+    path = resolve_model_path(model)
+    gguf = gguf_model_file(path)
+    if gguf is not None:
+        return layer_count(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict())
+    return layer_count(AutoConfig.from_pretrained(path).to_dict())

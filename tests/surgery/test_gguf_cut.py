@@ -3,6 +3,7 @@ it, split sets kept consistent, in place byte-identical to copy (also after SIGK
 computing exactly the original model with the removed blocks as identity in transformers."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -293,3 +294,20 @@ def test_cli_cut_takes_gguf_paths(tmp_path, capsys):
     assert main(["cut", str(src), "--layers", "9", "--in-place"]) != 0
     err = capsys.readouterr().err.strip()
     assert "out of range" in err and "\n" not in err
+
+
+def test_cli_prune_of_a_gguf_writes_the_cut_gguf_with_its_report(tmp_path, capsys):
+    from shortgpt_fast.cli import main
+
+    src = write_model(tmp_path / "m.gguf", blocks=5)[0]
+    before = src.read_bytes()
+    assert main(["prune", str(src), str(tmp_path / "out"), "--layers", "1,3"]) == 0
+    assert "(gguf-surgery)" in capsys.readouterr().out
+    assert src.read_bytes() == before  # the source is only read
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "m.gguf", "report.json"]
+    assert fields(tmp_path / "out" / "m.gguf")["llama.block_count"] == 3
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["removed"] == [1, 3] and report["index_map"] == {"0": 0, "2": 1, "4": 2}
+    # The same tensors as a direct cut of the same layers.
+    cut_gguf(src, [1, 3], out=tmp_path / "direct.gguf")
+    assert tensor_bytes([tmp_path / "out" / "m.gguf"]) == tensor_bytes([tmp_path / "direct.gguf"])
