@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .gguf import GGUFError, TensorInfo, read_set
+from .gguf import GGUFError, TensorInfo, read_set, split_parts
 
 # transformers' per-architecture GGUF processors that only transform a tensor in place (no renaming, no merging of
 # several GGUF tensors into one), so a single tensor can be loaded on its own.
@@ -28,7 +28,8 @@ def gguf_skeleton(path: Union[str, os.PathLike], dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
+    # Only the first part of a split set carries the model's metadata; any part may be given.
+    path = split_parts(path)[0]
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config

