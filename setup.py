@@ -81,7 +81,7 @@ class CoreExtension(Extension):
     def __init__(self):
         super().__init__("shortgpt_fast._C", sources=[])
         self.top_sources = ["module.cpp"]
-        self.portable_folders = ["bi_reduce"]
+        self.portable_folders = ["bi_reduce", "dequant"]
         self.linux_folders = ["surgery", "gguf"]
 
 

@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void register_bi_reduce(py::module_& m);
+void register_dequant(py::module_& m);
 #ifdef SGF_WITH_SURGERY
 void register_file_io(py::module_& m);
 void register_safetensors_surgery(py::module_& m);
@@ -14,8 +15,9 @@ void register_gguf(py::module_& m);
 #endif
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "shortgpt_fast C++ core: fused Block Influence reduction and checkpoint surgery (safetensors, GGUF)";
+    m.doc() = "shortgpt_fast C++ core: fused Block Influence reduction, FP8 dequantization and checkpoint surgery (safetensors, GGUF)";
     register_bi_reduce(m);
+    register_dequant(m);
 #ifdef SGF_WITH_SURGERY
     // Linux-only (setup.py compiles it there); elsewhere shortgpt_fast/_native.py explains that surgery needs Linux.
     register_file_io(m);  // first: the engines' error types derive from its FileFormatError
