@@ -186,7 +186,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # Its default pattern has four layers; this one has all four block kinds and loses an attention and a mamba.
     "nemotron_h": {"hybrid_override_pattern": "M*E-M*", "layers_block_type": DROP, "num_hidden_layers": DROP},
     "deepseek_v2": {"num_experts_per_tok": TOP_K, "n_group": 2, "topk_group": 1},
-    "dory": {"n_input_layers": 2, "n_recurrent_layers": 2, "n_output_layers": 2},
+    # Its defaults list attention and MLP as separate entries (halved on load); six explicit layers instead.
+    "dory": {"n_input_layers": 2, "n_recurrent_layers": 2, "n_output_layers": 2, "num_hidden_layers": LAYERS,
+             "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
+                             "sliding_attention", "sliding_attention"]},
     "zaya": {"num_experts_per_tok": 1},  # the only value its config accepts
     # With a top-k smaller than the sequence, the sparse indexer's ReLU scores tie at exactly 0 and the unpruned
     # model itself generates differently with and without a cache (seen with perturbation seeds 5 and 7); a top-k
