@@ -41,35 +41,7 @@ def main() -> None:
         raise SystemExit(reasons[0])
     library = FP8BlockDequantizer(targets=frozenset({"m"}), weight_block_size=BLOCK, dtype=torch.float32)
     library._checkpoint_targets = frozenset({"m"})
-    rows_out = []
-    for label, shape in SHAPES.items():
-        g = torch.Generator().manual_seed(0)
-        weight = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-        scale = torch.rand(scale_grid(shape, BLOCK), generator=g)
-        out = torch.empty(shape)
-        src = torch.empty(shape)
-        methods = {
-            "ours (C++)": lambda: fp8_block_dequantize(weight, scale, BLOCK),
-            "torch cast x scale": lambda: fp8_block_dequantize_reference(weight, scale, BLOCK),
-            "compressed-tensors": lambda: library.process({"m.weight": weight, "m.weight_scale_inv": scale}),
-            "ceiling: fp32 copy_": lambda: out.copy_(src),
-        }
-        assert torch.equal(methods["ours (C++)"](), methods["torch cast x scale"]())
-        times = {name: [] for name in methods}
-        for _ in range(ROUNDS):
-            for name, fn in methods.items():
-                began = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - began)
-        elements = shape[0] * shape[1]
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        rows_out.append({
-            "shape": label, "elements": elements,
-            "G_elements_per_s": {name: elements / s / 1e9 for name, s in medians.items()},
-            "ours_vs_torch": medians["torch cast x scale"] / medians["ours (C++)"],
-            "ours_vs_compressed_tensors": medians["compressed-tensors"] / medians["ours (C++)"],
-            "ours_fraction_of_ceiling": medians["ceiling: fp32 copy_"] / medians["ours (C++)"],
-        })
+    rows_out = [measure(label, shape, library) for label, shape in SHAPES.items()]
     report = {"command": "python bench/bench_dequant_fp8.py", "machine": {
         "platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "block": list(BLOCK), "rounds": ROUNDS, "rows": rows_out}
@@ -82,6 +54,35 @@ def main() -> None:
         g = r["G_elements_per_s"]
         print(f"| {r['shape']} | {g['ours (C++)']:.2f} | {g['torch cast x scale']:.2f} | {g['compressed-tensors']:.2f} "
               f"| {g['ceiling: fp32 copy_']:.2f} | {r['ours_vs_torch']:.1f}x | {r['ours_fraction_of_ceiling']:.0%} |")
+
+
+def measure(label: str, shape: tuple, library) -> dict:
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(scale_grid(shape, BLOCK), generator=g)
+    out, src = torch.empty(shape), torch.empty(shape)
+    methods = {
+        "ours (C++)": lambda: fp8_block_dequantize(weight, scale, BLOCK),
+        "torch cast x scale": lambda: fp8_block_dequantize_reference(weight, scale, BLOCK),
+        "compressed-tensors": lambda: library.process({"m.weight": weight, "m.weight_scale_inv": scale}),
+        "ceiling: fp32 copy_": lambda: out.copy_(src),
+    }
+    assert torch.equal(methods["ours (C++)"](), methods["torch cast x scale"]())
+    times = {name: [] for name in methods}
+    for _ in range(ROUNDS):
+        for name, fn in methods.items():
+            began = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - began)
+    elements = shape[0] * shape[1]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "shape": label, "elements": elements,
+        "G_elements_per_s": {name: elements / s / 1e9 for name, s in medians.items()},
+        "ours_vs_torch": medians["torch cast x scale"] / medians["ours (C++)"],
+        "ours_vs_compressed_tensors": medians["compressed-tensors"] / medians["ours (C++)"],
+        "ours_fraction_of_ceiling": medians["ceiling: fp32 copy_"] / medians["ours (C++)"],
+    }
 
 
 def plot(rows: list, path: Path) -> None:

@@ -409,8 +409,7 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
 
         with staged_folder(out_dir) as staged:
             # Quantized blocks are carried as they are: the output is the same kind of file, minus the layers.
-            cut_gguf(gguf, layers, out=staged.path / f"{split_base_name(gguf)}.gguf", chosen_by=metric,
-                              check=verify)
+            cut_gguf(gguf, layers, out=staged.path / f"{split_base_name(gguf)}.gguf", chosen_by=metric, check=verify)
             for name, data in files.items():
                 (staged.path / name).write_bytes(data)
             (staged.path / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,

@@ -196,6 +196,13 @@ def gguf_model_file(model: str) -> Optional[Path]:
     return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
+def pretrained_source(path: str) -> tuple[str, dict]:
+    """(what to pass transformers' from_pretrained, extra kwargs) for a resolved model path: a GGUF file is its
+    folder plus `gguf_file`."""
+    gguf = gguf_model_file(path)
+    return (str(gguf.parent), {"gguf_file": gguf.name}) if gguf is not None else (path, {})
+
+
 def is_local_checkpoint(model: str) -> bool:
     return model in ALIASES or Path(model).expanduser().is_dir()
 
@@ -214,7 +221,7 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", device_m
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     path = resolve_model_path(model)
     gguf = gguf_model_file(path)
-    source, extra = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf is not None else (path, {})
+    source, extra = pretrained_source(path)
     if trust_remote_code:
         _warn_remote_code(path)
     elif gguf is None:
@@ -251,9 +258,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     """The tokenizer of a checkpoint folder, alias or hub id, or ModelLoadError in one line."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model)
-    gguf = gguf_model_file(path)
-    source, extra = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf is not None else (path, {})
+    source, extra = pretrained_source(resolve_model_path(model))
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
@@ -275,8 +280,5 @@ def config_layer_count(model: str) -> int:
 
     from .config_surgery import layer_count
 
-    path = resolve_model_path(model)
-    gguf = gguf_model_file(path)
-    if gguf is not None:
-        return layer_count(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict())
-    return layer_count(AutoConfig.from_pretrained(path).to_dict())
+    source, extra = pretrained_source(resolve_model_path(model))
+    return layer_count(AutoConfig.from_pretrained(source, **extra).to_dict())

@@ -441,7 +441,8 @@ def collect_layer_stats_streamed(
     """Same LayerStats as `collect_layer_stats` on the loaded model, holding at most two parts of blocks at a time.
 
     model_path: a local safetensors checkpoint folder or alias (FP8 block-scaled and compressed-tensors checkpoints
-    are dequantized as they load), or a .gguf file (any part of a split set; each block dequantized by gguf-py). dtype: the dtype activations are kept in between blocks (and BI computed from).
+    are dequantized as they load), or a .gguf file (any part of a split set; each block dequantized by gguf-py).
+    dtype: the dtype activations are kept in between blocks (and BI computed from).
     memory_budget: bytes the weights in flight may take (default: hardware.WEIGHT_MEMORY_FRACTION of free memory); a
     block larger than a third of it runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto",
     "float32", "bfloat16" or "float16": the dtype blocks compute in (see hardware.choose_compute_dtype); the choice and
