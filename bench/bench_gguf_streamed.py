@@ -107,7 +107,7 @@ def generate(path: Path, layers: int) -> dict:
     chunk = q4_k_chunk(Q4_K_BYTES * (64 << 20) // Q4_K_BYTES, rng)
     with open(path, "wb") as f:
         f.write(header)
-        for shape, qtype, size in sizes:
+        for _, qtype, size in sizes:
             if qtype == F32:
                 f.write(ones)
             else:
