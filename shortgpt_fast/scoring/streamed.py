@@ -469,7 +469,7 @@ def collect_layer_stats_streamed(
     activation_dtype = DTYPES[dtype]
     hardware.return_freed_blocks_to_the_os()
     if gguf is not None:
-        from ..io.gguf_weights import GGUFSource, gguf_skeleton
+        from .gguf_weights import GGUFSource, gguf_skeleton
 
         # GGUF blocks are dequantized by gguf-py into float32 whatever their storage type.
         compute, compute_reason = hardware.choose_compute_dtype(compute_dtype, device, activation_dtype, None)

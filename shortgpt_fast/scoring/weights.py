@@ -1,7 +1,7 @@
 """Where a streamed pass gets its weights: a checkpoint read one block (or one group of experts) at a time.
 
 Two layers. A *weight source* knows a checkpoint's tensors by name and reads any subset of them onto a device,
-dequantized (`SafetensorsSource`; a GGUF source would implement the same three methods: `names`, `total_bytes`,
+dequantized (`SafetensorsSource` here, `GGUFSource` in gguf_weights.py; three methods: `names`, `total_bytes`,
 `load`). `StreamedWeights` puts transformers' own weight conversion mapping on top (renamings, and the fusion of
 per-expert tensors into one 3-D tensor per layer), so it can hand out the model tensors of the non-layer part, of one
 block by layer index, of one block less its routed experts, and of a contiguous group of a block's experts.

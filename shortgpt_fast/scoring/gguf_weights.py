@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .gguf import GGUFError, TensorInfo, read_set, split_parts
+from ..io.gguf import GGUFError, TensorInfo, read_set, split_parts
 
 # transformers' per-architecture GGUF processors that only transform a tensor in place (no renaming, no merging of
 # several GGUF tensors into one), so a single tensor can be loaded on its own.
@@ -82,30 +82,35 @@ class GGUFSource:
                 total += count * torch.empty(0, dtype=dtype).element_size()
         return total
 
-    def _array(self, gguf_name: str) -> tuple[np.ndarray, int]:
-        from gguf.constants import GGML_QUANT_SIZES
-        from gguf.constants import GGMLQuantizationType as Q
-
+    def _raw(self, gguf_name: str) -> tuple[bytes, TensorInfo]:
         path, offset, t = self._where[gguf_name]
         with open(path, "rb", buffering=0) as f:
             raw = os.pread(f.fileno(), t.nbytes, offset)
         if len(raw) != t.nbytes:
             raise GGUFError(f"{path}: tensor {gguf_name} ends past the end of the file (truncated?)")
+        return raw, t
+
+    @staticmethod
+    def _decode(raw: bytes, t: TensorInfo) -> np.ndarray:
+        """The tensor as numpy: plain types as stored, block types dequantized to float32 (ops/dequant_gguf: our
+        C++ kernel for the common types, gguf-py for the rest, the same bits either way)."""
+        from gguf.constants import GGMLQuantizationType as Q
+
+        from ..ops.dequant_gguf import gguf_dequantize
+
         shape = tuple(reversed(t.dims))  # numpy order
-        plain = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16,
-                 Q.I32: np.int32, Q.I64: np.int64}
+        plain = {Q.F32: np.float32, Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16, Q.I32: np.int32,
+                 Q.I64: np.int64}
         qtype = Q(t.ggml_type)
         if qtype in plain:
-            return np.frombuffer(raw, dtype=plain[qtype]).reshape(shape), qtype
-        block, size = GGML_QUANT_SIZES[qtype]
-        return np.frombuffer(raw, dtype=np.uint8).reshape(*shape[:-1], shape[-1] // block * size), qtype
+            return np.frombuffer(raw, dtype=plain[qtype]).reshape(shape)
+        return gguf_dequantize(np.frombuffer(raw, dtype=np.uint8), int(qtype), shape)
 
     def load(self, wanted: dict, device) -> dict:
         """name -> torch tensor on `device` in each request's dtype (rows sliced where asked), for each name."""
         import time
 
         import torch
-        from gguf.quants import dequantize
 
         out = {}
         for name, request in wanted.items():
@@ -113,13 +118,14 @@ class GGUFSource:
             if gguf_name is None:
                 raise GGUFError(f"{self.path}: holds no tensor for {name}; transformers' GGUF tables do not map it")
             began = time.perf_counter()
-            data, qtype = self._array(gguf_name)
+            raw, info = self._raw(gguf_name)
             self.seconds["read"] += time.perf_counter() - began
             began = time.perf_counter()
-            weights = dequantize(data, qtype)
+            weights = self._decode(raw, info)
             weights = self._processor.process(weights=weights, name=gguf_name, tensor_key_mapping=self._gguf_to_hf,
                                               parsed_parameters={}).weights
-            tensor = torch.from_numpy(np.array(weights))
+            array = np.ascontiguousarray(weights)  # copies only a view (Llama's q/k un-permutation) or read-only bytes
+            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
             rows: Optional[tuple[int, int]] = getattr(request, "rows", None)
             if rows is not None:
                 tensor = tensor[rows[0]:rows[1]]

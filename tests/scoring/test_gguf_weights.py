@@ -14,7 +14,7 @@ from gguf_fixtures import smollm2_gguf  # noqa: E402
 
 from shortgpt_fast import _native  # noqa: E402
 from shortgpt_fast.io.gguf import GGUFError  # noqa: E402
-from shortgpt_fast.io.gguf_weights import GGUFSource  # noqa: E402
+from shortgpt_fast.scoring.gguf_weights import GGUFSource  # noqa: E402
 
 
 class Request:
