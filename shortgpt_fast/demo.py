@@ -40,8 +40,10 @@ def run_demo(model_name: str, out_dir: Path, *, ratio: float = 0.25, metric: str
     from .api import load, prune_to_dir, score
     from .evaluation.perplexity import perplexity
     from .evaluation.throughput import prefill_throughput
+    from .models.loading import alias_gguf_file
     from .scoring.layer_table import format_layer_table
     from .scoring.report import removal_count
+    from .surgery.gguf_cut import cut_gguf
 
     kwargs = dict(score_kwargs or {})
     kwargs.pop("streamed", None)  # the demo loads the model once and scores it in memory
@@ -75,6 +77,13 @@ def run_demo(model_name: str, out_dir: Path, *, ratio: float = 0.25, metric: str
     print(f"[4/5] removing layers {layers} and writing {out_dir}")
     report = prune_to_dir(model_name, out_dir, layers, metric, scores=scores)
     (out_dir / DEMO_MARKER).write_text("written by `shortgpt-fast demo`; the next demo run replaces this folder\n")
+    gguf = alias_gguf_file(model_name)
+    gguf_sizes = None
+    if gguf is not None:
+        # The file the embedded model ships as, cut too: its quantized blocks are carried, never re-encoded.
+        cut = cut_gguf(gguf, layers, out=out_dir / gguf.name, chosen_by=metric)
+        gguf_sizes = (gguf.stat().st_size, sum(Path(p).stat().st_size for p in cut.outputs))
+        print(f"      and {gguf.name}: {gguf_sizes[0] / 1e6:.1f} MB -> {gguf_sizes[1] / 1e6:.1f} MB")
 
     print("[5/5] evaluating the pruned checkpoint, reloaded from disk")
     pruned_model, _ = load(str(out_dir), device=device, dtype=dtype)
@@ -93,6 +102,8 @@ def run_demo(model_name: str, out_dir: Path, *, ratio: float = 0.25, metric: str
         (f"perplexity ({ppl_ids.numel()} tokens)", f"{dense['ppl']:.2f}", f"{pruned['ppl']:.2f}"),
         (f"prefill tokens/s (1 x {seq_len})", f"{dense['prefill']:.0f}", f"{pruned['prefill']:.0f}"),
     ]
+    if gguf_sizes is not None:
+        rows.append(("GGUF file", f"{gguf_sizes[0] / 1e6:.1f} MB", f"{gguf_sizes[1] / 1e6:.1f} MB"))
     width = max(len(r[0]) for r in rows)
     print(f"model: {model_name}   metric: {metric}   removed ({len(layers)}): {layers}")
     print(f"perplexity text: {ppl_source}")
@@ -105,7 +116,9 @@ def run_demo(model_name: str, out_dir: Path, *, ratio: float = 0.25, metric: str
         print(f"{name:<{width}}  {before:>12}  {after:>12}")
     summary = {"model": model_name, "removed": layers, "metric": metric, "dense": dense, "pruned": pruned,
                "ppl_source": ppl_source, "ppl_tokens": int(ppl_ids.numel()),
+               "gguf_bytes": None if gguf_sizes is None else {"dense": gguf_sizes[0], "pruned": gguf_sizes[1]},
                "seconds": round(time.perf_counter() - started, 1)}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out_dir} (checkpoint, report.json, report.png, demo_summary.json) in {summary['seconds']} s")
+    print(f"wrote {out_dir} (checkpoint, {'the cut GGUF, ' if gguf_sizes else ''}report.json, report.png, "
+          f"demo_summary.json) in {summary['seconds']} s")
     return summary

@@ -124,6 +124,15 @@ def _package_dir(package: str) -> Optional[Path]:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def alias_gguf_file(model: str) -> Optional[Path]:
+    """The GGUF file an alias is converted from (the embedded model's Q4_1 file), or None for anything else or when
+    its package is not installed."""
+    alias = ALIASES.get(model)
+    folder = _package_dir(alias.package) if alias is not None else None
+    path = folder / alias.gguf_file if folder is not None else None
+    return path if path is not None and path.is_file() else None
+
+
 def _convert_gguf(alias_name: str, alias: GGUFAlias, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -144,6 +144,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["pruned"]["params"] < summary["dense"]["params"]
     config = json.loads((out_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 22
+    # The embedded GGUF is cut too, with the same layers, and its sizes reported.
+    from gguf import GGUFReader
+
+    cut = GGUFReader(str(out_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert int(cut.fields["llama.block_count"].contents()) == 22
+    assert 0 < summary["gguf_bytes"]["pruned"] < summary["gguf_bytes"]["dense"]
+    assert "GGUF file" in proc.stdout
 
 
 def test_prune_of_a_local_checkpoint_without_the_extension_errors_instead_of_loading_it(
