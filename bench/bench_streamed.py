@@ -42,7 +42,8 @@ def high_water_mark():
 
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")
-mode, model, samples, seq_len, batch_size, dtype = sys.argv[1:7]
+mode, model, samples, seq_len, batch_size, dtype, compute = sys.argv[1:8]
+compute = None if compute == "none" else compute
 samples, seq_len, batch_size = int(samples), int(seq_len), int(batch_size)
 ids = torch.randint(1, 30000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
 if model == "smollm2-135m":
@@ -53,7 +54,8 @@ started = time.perf_counter()
 info = {}
 if mode == "streamed":
     from shortgpt_fast.scoring.streamed import collect_layer_stats_streamed
-    stats = collect_layer_stats_streamed(model, calib, batch_size=batch_size, dtype=dtype, progress=False)
+    stats = collect_layer_stats_streamed(model, calib, batch_size=batch_size, dtype=dtype, progress=False,
+                                         compute_dtype=compute)
     info = stats.streaming
 else:
     from shortgpt_fast.models.loading import load_model, DTYPES, resolve_model_path
@@ -70,10 +72,11 @@ print(json.dumps({"wall_s": wall, "peak_rss": high_water_mark(),
 """
 
 
-def run_child(mode: str, model: str, samples: int, seq_len: int, batch_size: int, dtype: str) -> dict:
+def run_child(mode: str, model: str, samples: int, seq_len: int, batch_size: int, dtype: str,
+              compute_dtype: str = "none") -> dict:
     env = dict(os.environ, TQDM_DISABLE="1")
     result = subprocess.run([sys.executable, "-c", CHILD, mode, model, str(samples), str(seq_len), str(batch_size),
-                             dtype], capture_output=True, text=True, env=env, cwd=HERE.parent)
+                             dtype, compute_dtype], capture_output=True, text=True, env=env, cwd=HERE.parent)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} run on {model} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -141,6 +144,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the generated checkpoint goes (deleted afterwards)")
     parser.add_argument("--skip-in-memory", action="store_true", help="only streamed on the generated checkpoint")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--compute-dtype", default="none", choices=("none", "auto", "float32", "bfloat16"),
+                        help="streamed runs' compute dtype (none: the activation dtype, as before the flag existed)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-streamed-", dir=args.workdir))
@@ -158,8 +163,10 @@ def main() -> None:
             "runs": {},
         }
         runs = results["runs"]
-        runs[f"{args.preset} streamed"] = run_child("streamed", str(folder), args.samples, args.seq_len,
-                                                    args.batch_size, "bfloat16")
+        streamed_name = f"{args.preset} streamed" + ("" if args.compute_dtype == "none" else
+                                                     f" (compute {args.compute_dtype})")
+        runs[streamed_name] = run_child("streamed", str(folder), args.samples, args.seq_len, args.batch_size,
+                                        "bfloat16", args.compute_dtype)
         if not args.skip_in_memory and size < 0.6 * page_cache_bytes():
             runs[f"{args.preset} in-memory"] = run_child("in-memory", str(folder), args.samples, args.seq_len,
                                                          args.batch_size, "bfloat16")
@@ -187,6 +194,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     stem = "streamed" if args.preset == "small" else f"streamed.{args.preset}"
+    if args.compute_dtype != "none":
+        stem += f".compute-{args.compute_dtype}"  # its own record: it may come from another machine than the base run
     previous = RESULTS / f"{stem}.json"
     if previous.exists() and (args.skip_in_memory or args.skip_smollm2):
         # A partial rerun replaces only the runs it made; the others stay from the earlier full run.
