@@ -80,9 +80,11 @@ static void fp8_block_dequantize(uintptr_t weight, int64_t weight_row_stride, ui
 }  // namespace sgf
 
 void register_gguf_dequant(py::module_& m);
+void register_finite(py::module_& m);
 
 void register_dequant(py::module_& m) {
     register_gguf_dequant(m);
+    register_finite(m);
     m.def("fp8_block_dequantize", &sgf::dequant::fp8_block_dequantize, py::arg("weight"),
           py::arg("weight_row_stride"), py::arg("scale"), py::arg("rows"), py::arg("cols"), py::arg("block_rows"),
           py::arg("block_cols"), py::arg("out"), py::arg("num_threads"),

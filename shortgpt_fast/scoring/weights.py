@@ -143,7 +143,9 @@ class SafetensorsSource:
 
     @staticmethod
     def _check_finite(name: str, tensor: torch.Tensor, shard: str) -> None:
-        if not bool(torch.isfinite(tensor).all()):
+        from ..ops.finite import all_finite
+
+        if not all_finite(tensor):
             raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
                                  "re-download or re-save the checkpoint")
 
