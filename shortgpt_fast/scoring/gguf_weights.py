@@ -112,6 +112,8 @@ class GGUFSource:
 
         import torch
 
+        from ..ops.finite import all_finite
+
         out = {}
         for name, request in wanted.items():
             gguf_name = self._hf_to_gguf.get(name)
@@ -126,6 +128,9 @@ class GGUFSource:
                                               parsed_parameters={}).weights
             array = np.ascontiguousarray(weights)  # copies only a view (Llama's q/k un-permutation) or read-only bytes
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+            if tensor.is_floating_point() and not all_finite(tensor):
+                raise GGUFError(f"{self._where[gguf_name][0]}: tensor {gguf_name} holds NaN or inf values once "
+                                "dequantized; the file is corrupt: re-download or re-convert it")
             rows: Optional[tuple[int, int]] = getattr(request, "rows", None)
             if rows is not None:
                 tensor = tensor[rows[0]:rows[1]]

