@@ -27,6 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_streamed import PEAK_RSS_PRELUDE  # noqa: E402
 
 HIDDEN, FFN, VOCAB, HEADS = 5120, 13824, 32000, 40  # Llama-2-13B
 F32, Q4_K = 0, 12
@@ -35,18 +37,8 @@ LAYER = [("attn_norm.weight", (HIDDEN,)), ("attn_q.weight", (HIDDEN, HIDDEN)), (
          ("attn_v.weight", (HIDDEN, HIDDEN)), ("attn_output.weight", (HIDDEN, HIDDEN)), ("ffn_norm.weight", (HIDDEN,)),
          ("ffn_gate.weight", (FFN, HIDDEN)), ("ffn_up.weight", (FFN, HIDDEN)), ("ffn_down.weight", (HIDDEN, FFN))]
 
-CHILD = r"""
-import json, sys, time, torch
-from shortgpt_fast.data.calibration import from_tensors
+CHILD = PEAK_RSS_PRELUDE + r"""
 from shortgpt_fast.scoring.streamed import collect_layer_stats_streamed
-
-def high_water_mark():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
 path, samples, seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ids = torch.randint(1, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
 before = high_water_mark()

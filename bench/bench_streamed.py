@@ -30,7 +30,8 @@ PRESETS = {
     "llama2-13b": dict(hidden=5120, intermediate=13824, layers=40, vocab=32000, heads=40, kv_heads=40),
 }
 
-CHILD = """
+# The start of every child that measures a peak: a reset high-water mark, read back by high_water_mark().
+PEAK_RSS_PRELUDE = """
 import json, sys, time, torch
 from shortgpt_fast.data.calibration import from_tensors
 
@@ -42,6 +43,9 @@ def high_water_mark():
 
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")
+"""
+
+CHILD = PEAK_RSS_PRELUDE + """
 mode, model, samples, seq_len, batch_size, dtype, compute = sys.argv[1:8]
 compute = None if compute == "none" else compute
 samples, seq_len, batch_size = int(samples), int(seq_len), int(batch_size)

@@ -391,7 +391,6 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
     """
     from .io.durable import check_out_dir, staged_folder
     from .models.loading import config_layer_count, gguf_model_file, is_local_checkpoint, resolve_model_path
-    from .surgery.model_card import removal_section
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
@@ -410,10 +409,7 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
         with staged_folder(out_dir) as staged:
             # Quantized blocks are carried as they are: the output is the same kind of file, minus the layers.
             cut_gguf(gguf, layers, out=staged.path / f"{split_base_name(gguf)}.gguf", chosen_by=metric, check=verify)
-            for name, data in files.items():
-                (staged.path / name).write_bytes(data)
-            (staged.path / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,
-                                                                   source=model, report=True))
+            _write_report_and_card(staged.path, files, model, layers, num_layers, metric)
         report_dict["engine"] = "gguf-surgery"
         return report_dict
     if is_local_checkpoint(model):
@@ -428,13 +424,20 @@ def prune_to_dir(model: str, out_dir: Path, layers: list, metric: str, scores=No
     with staged_folder(out_dir) as staged:
         net.save_pretrained(staged.path)
         tokenizer.save_pretrained(staged.path)
-        for name, data in files.items():
-            (staged.path / name).write_bytes(data)
-        # save_pretrained writes no card; the cut path's card is the source's plus the removal, stated once.
-        (staged.path / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric,
-                                                               source=model, report=True))
+        _write_report_and_card(staged.path, files, model, layers, num_layers, metric)
     report_dict["engine"] = "in-memory"
     return report_dict
+
+
+def _write_report_and_card(folder: Path, files: dict, model: str, layers: list, num_layers: int, metric: str) -> None:
+    """The report files and a model card stating the removal once, for outputs whose writer leaves no card (the
+    safetensors cut path writes the source's card plus the removal itself)."""
+    from .surgery.model_card import removal_section
+
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "README.md").write_text(removal_section(sorted(layers), num_layers, chosen_by=metric, source=model,
+                                                      report=True))
 
 
 def _report_files(model: str, layers: list, metric: str, num_layers: int, scores, report) -> tuple[dict, dict]:

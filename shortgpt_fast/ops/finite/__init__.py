@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_finite", "all_finite_reference", "why_not_native"]
+from ..bi_reduce.cpp import DTYPE_CODES as _DTYPE_CODES  # the one mapping onto sgf::DType (csrc/common.h)
 
-# Must match sgf::DType in csrc/common.h.
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+__all__ = ["all_finite", "all_finite_reference", "why_not_native"]
 
 
 def all_finite_reference(tensor: torch.Tensor) -> bool:
