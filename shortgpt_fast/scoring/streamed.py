@@ -11,15 +11,15 @@ conversion mapping, quantized weights dequantized as they load), replay every re
 shared `LayerAccumulator`, and drop it. The next part loads in a background thread meanwhile, so reads overlap
 compute.
 
-A block larger than a third of the memory budget is run in parts, the way transformers' expert parallelism splits a MoE
-layer over ranks, only one "rank" after the other: the block less its routed experts runs up to the experts call,
-which records the routed tokens; then the experts load in contiguous groups that fit. Each group's experts module is
-called on only the (token, slot) routes that land in it, one route per row with its own weight (top-k of 1), and each
-row's output is added to its token's float32 sum; then the block runs again with those sums in place of the experts
-call. Calling a group on every token instead, with the routes elsewhere masked as expert-parallel sentinels, spent
-most of the time on rows that contribute nothing (45 against 214 GFLOP/s in bf16 on the giant bench's shapes). The
-sums add the same products in another order than transformers' single pass (per group, slot by slot), so BI agrees
-to rounding, not bit for bit (tests/scoring/test_streamed_giant.py bounds it at 1e-5 relative).
+A block that cannot compute while the next one loads within the memory budget is run in parts, the way transformers'
+expert parallelism splits a MoE layer over ranks, only one "rank" after the other: the block less its routed experts
+runs up to the experts call, which records the routed tokens; then the experts load in contiguous groups that fit. Each
+group's experts module is called on only the (token, slot) routes that land in it, one route per row with its own weight
+(top-k of 1), and each row's output is added to its token's float32 sum; then the block runs again with those sums in
+place of the experts call. Calling a group on every token instead, with the routes elsewhere masked as expert-parallel
+sentinels, spent most of the time on rows that contribute nothing (45 against 214 GFLOP/s in bf16 on the giant bench's
+shapes). The sums add the same products in another order than transformers' single pass (per group, slot by slot), so
+BI agrees to rounding, not bit for bit (tests/scoring/test_streamed_giant.py bounds it at 1e-5 relative).
 """
 from __future__ import annotations
 
@@ -277,28 +277,23 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3f} MB"
 
 
-# A part being loaded takes up to twice its final size: the tensors as read (and dequantized) and the fused tensor
-# transformers' converter builds from them (per-expert tensors stacked into one 3-D tensor) exist together. Measured
-# on the FP8 bench: peak RSS 1.7x the budget when parts were sized as if loading took only their final size.
-LOADING_FACTOR = 2
-
-
 def _plan_blocks(weights: StreamedWeights, budget: int) -> list[_BlockPlan]:
     """Whole blocks where one computing and the next one loading fit in the budget; otherwise the block less its
-    routed experts plus groups of experts, sized so that it, the group computing and the group loading fit."""
-    slots = 1 + LOADING_FACTOR
+    routed experts plus groups of experts, sized so that it, the group computing and the group loading fit. Loading
+    is counted at its peak (StreamedWeights.block_loading_bytes: a converter's inputs and output at once)."""
     plans = []
     for layer, block in enumerate(weights.blocks):
         size = weights.block_bytes(layer)
-        if slots * size <= budget:
+        need = size + weights.block_loading_bytes(layer)
+        if need <= budget:
             plans.append(_BlockPlan(layer))
             continue
         found = experts_modules(block)
         if len(found) != 1:
             what = "has no routed experts to load in groups" if not found else "has several experts modules"
             raise StreamingError(f"block {layer} needs {_size(size)} and {what}, but the memory budget "
-                                 f"({_size(budget)}) holds less than {slots} such blocks (one computing, the next "
-                                 f"loading); raise --memory-budget to at least {_size(slots * size)}")
+                                 f"({_size(budget)}) does not hold one such block computing and the next loading; "
+                                 f"raise --memory-budget to at least {_size(need)}")
         name, module = found[0]
         # `_is_expert_parallel` marks transformers' @use_experts_implementation classes: their forward reads
         # `num_experts` and indexes the fused parameters by the top-k indices it is given, so a group of experts
@@ -306,17 +301,17 @@ def _plan_blocks(weights: StreamedWeights, budget: int) -> list[_BlockPlan]:
         if not hasattr(module, "_is_expert_parallel"):
             raise StreamingError(f"block {layer} needs {_size(size)} and its experts ({type(module).__name__}) do not "
                                  "follow transformers' experts interface, so they cannot run in groups; raise "
-                                 f"--memory-budget to at least {_size(slots * size)}")
+                                 f"--memory-budget to at least {_size(need)}")
         rest = weights.without_experts_bytes(layer, [name])
-        per_expert = weights.expert_bytes(layer, name, module.num_experts)
-        group = (budget - rest) // (slots * per_expert) if per_expert else module.num_experts
+        count = module.num_experts
+        per_expert = weights.expert_bytes(layer, name, count) + weights.expert_loading_bytes(layer, name, count)
+        group = (budget - rest) // per_expert if per_expert else count
         if group < 1:
             raise StreamingError(f"block {layer} less its experts ({_size(rest)}) plus one expert computing and one "
-                                 f"loading ({slots} x {_size(per_expert)}) exceed the memory budget ({_size(budget)}); "
-                                 f"raise --memory-budget to at least {_size(rest + slots * per_expert)}")
-        group = min(group, module.num_experts)
-        plans.append(_BlockPlan(layer, name, [(a, min(a + group, module.num_experts))
-                                              for a in range(0, module.num_experts, group)]))
+                                 f"loading ({_size(per_expert)}) exceed the memory budget ({_size(budget)}); "
+                                 f"raise --memory-budget to at least {_size(rest + per_expert)}")
+        group = min(group, count)
+        plans.append(_BlockPlan(layer, name, [(a, min(a + group, count)) for a in range(0, count, group)]))
     return plans
 
 
@@ -462,7 +457,7 @@ def collect_layer_stats_streamed(
     are dequantized as they load), or a .gguf file (any part of a split set; each block dequantized by gguf-py).
     dtype: the dtype activations are kept in between blocks (and BI computed from).
     memory_budget: bytes the weights in flight may take (default: hardware.WEIGHT_MEMORY_FRACTION of free memory); a
-    block larger than a third of it runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto",
+    block that cannot compute while the next one loads within it runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto",
     "float32", "bfloat16" or "float16": the dtype blocks compute in (see hardware.choose_compute_dtype); the choice and
     why are in `.streaming["compute_dtype"]`/`["compute_dtype_reason"]`. activation_budget: bytes activations may take
     on the device before they go to host memory or disk.

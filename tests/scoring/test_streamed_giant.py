@@ -91,10 +91,11 @@ def bi(stats) -> torch.Tensor:
 def test_moe_block_larger_than_the_budget_streams_in_expert_groups(family, tmp_path):
     model = build(family)
     moe, dense, rest, expert = part_sizes(model)
-    # The budget holds a dense block computing and the next loading (3x: loading takes twice a part's size), and a
-    # MoE block less its experts with groups of two experts, so every MoE block runs in groups of two (the last one
-    # odd-sized) while the whole budget is below one MoE block.
-    budget = max(3 * dense, rest + 3 * 2 * expert)
+    # The budget holds a dense block computing and the next loading, and a MoE block less its experts with a group
+    # of two experts computing and the next two loading (per-expert stacks fill in place, so loading takes a part's
+    # own size), so every MoE block runs in groups of two (the last one odd-sized) while the whole budget is below
+    # one MoE block.
+    budget = max(2 * dense, rest + 2 * 2 * expert)
     assert budget < moe, "the premise: one MoE block does not fit the budget"
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     calib = calibration()
@@ -134,11 +135,11 @@ def test_a_budget_too_small_for_one_expert_says_how_much_is_needed(tmp_path):
     mixtral = build("mixtral")  # MoE in every layer
     mixtral.save_pretrained(tmp_path / "mixtral")
     _moe, _dense, rest, expert = part_sizes(mixtral)
-    # The block less its experts fits, one expert computing and one loading (three times its size) do not.
+    # The block less its experts fits, one expert computing and one loading (twice its size) do not.
     with pytest.raises(StreamingError, match=r"block 0 less its experts .* plus one expert computing and one loading "
                                              r".*raise --memory-budget to at least"):
         collect_layer_stats_streamed(str(tmp_path / "mixtral"), calibration(), progress=False,
-                                     memory_budget=rest + 2 * expert)
+                                     memory_budget=rest + 2 * expert - 1)
 
 
 def test_deepseek_mtp_layer_is_not_scored_and_does_not_break_streaming(tmp_path):
@@ -163,3 +164,43 @@ def test_deepseek_mtp_layer_is_not_scored_and_does_not_break_streaming(tmp_path)
     got = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=2, angular_span=2, progress=False)
     assert got.per_sequence.shape[0] == n
     assert torch.equal(got.per_sequence, expected.per_sequence)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_expert_groups_filled_in_place_equal_transformers_fusion(family, tmp_path):
+    """Per-expert checkpoint tensors are stacked into the fused experts tensors one expert at a time, not through
+    transformers' converter; the oracle is the model from_pretrained builds from the same files."""
+    from shortgpt_fast.io import safetensors as st
+    from shortgpt_fast.scoring.weights import SafetensorsSource, StreamedWeights, experts_modules, skeleton
+
+    build(family).save_pretrained(tmp_path, max_shard_size="40KB")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = skeleton(str(tmp_path), torch.float32)
+    blocks = model.model.layers
+    weights = StreamedWeights(model, SafetensorsSource(str(tmp_path)), "model.layers", blocks, ())
+    assert st.read_weight_map(tmp_path) is not None
+    checked = 0
+    for layer, block in enumerate(blocks):
+        for name, module in experts_modules(block):
+            keys = weights.expert_keys(layer, name)
+            assert all(weights.plan.stacked_sources(k) is not None for k in keys), "the in-place path is not taken"
+            for start, stop in ((0, 2), (2, module.num_experts)):
+                group = weights.expert_group(layer, name, start, stop, "cpu")
+                for key in keys:
+                    assert torch.equal(group[key], loaded.get_parameter(key)[start:stop]), key
+                    checked += 1
+    assert checked
+
+
+def test_an_expert_tensor_of_the_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build("mixtral").save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    name = next(k for k in state if ".experts.3." in k)
+    state[name] = state[name][:-1].clone()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _moe, dense, rest, expert = part_sizes(build("mixtral"))
+    with pytest.raises(StreamingError, match=rf"cannot build .* \({name} is torch.float32 .*re-download"):
+        collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False,
+                                     memory_budget=max(2 * dense, rest + 4 * expert))
