@@ -37,7 +37,8 @@ class Dequantizer:
     """One checkpoint's dequantization: which stored tensors make a weight, and the weight from them.
 
     parts(stored name) -> (weight name, companion names) when `stored name` is the root of a quantized weight, else
-    None. dequantize(weight name, root, {stored name: tensor}) -> float32 tensor of the weight's shape.
+    None. dequantize(weight name, root, {stored name: tensor}, dtype, out) -> the weight in `dtype`, written into
+    `out` where the converter can write in place (the FP8 kernel), else built and cast.
     """
 
     def __init__(self, method: str, converter, weight_map: dict[str, str], logical=None):
@@ -57,15 +58,19 @@ class Dequantizer:
                                  "re-save it")
         return self._logical(name), sorted(companions)
 
-    def dequantize(self, name: str, root: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def dequantize(self, name: str, root: str, parts: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        write = getattr(self._converter, "process_into", None)
         try:
-            out = self._converter.process(dict(parts))
+            if write is not None:
+                return write(dict(parts), dtype, out)[name]
+            result = self._converter.process(dict(parts))
         except Exception as err:  # noqa: BLE001 - the library raises what torch raises on mismatched parts
             from ..errors import one_line
 
             raise StreamingError(f"cannot dequantize {name} ({self.method}): {one_line(err)}; the checkpoint may be "
                                  "damaged: re-download or re-save it") from None
-        return out[name]
+        return result[name].to(dtype)
 
 
 def dequantizer_for(folder: str, weight_map: dict[str, str]) -> Optional[Dequantizer]:
@@ -122,6 +127,11 @@ class _FP8BlockOnCPU:
         return self._converter.get_dependencies(name)
 
     def process(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.process_into(parts, torch.float32, None)
+
+    def process_into(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+                     out: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{weight name: the weight in `dtype`}, written into `out` when given and the kernel can write there."""
         from ..ops.dequant_fp8 import fp8_block_dequantize, why_not_native
 
         scales = [n for n in parts if n.endswith(".weight_scale_inv")]
@@ -129,8 +139,10 @@ class _FP8BlockOnCPU:
             weight_name = scales[0][: -len("_scale_inv")]
             weight, scale = parts.get(weight_name), parts[scales[0]]
             if weight is not None and not why_not_native(weight, scale, self._block):
-                return {weight_name: fp8_block_dequantize(weight, scale, self._block)}
-        return self._converter.process(parts)
+                if out is not None and why_not_native(weight, scale, self._block, out):
+                    out = None  # the caller copies what it gets
+                return {weight_name: fp8_block_dequantize(weight, scale, self._block, dtype=dtype, out=out)}
+        return {name: value.to(dtype) for name, value in self._converter.process(parts).items()}
 
 
 class _Mxfp4Experts:

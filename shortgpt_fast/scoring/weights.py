@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -54,6 +54,9 @@ class TensorRequest:
 
     dtype: torch.dtype
     rows: Optional[tuple[int, int]] = None
+    # Where to write it (one expert's rows of a fused tensor), so it is not built apart and copied; a source may
+    # ignore it and return its own tensor, which the caller then copies.
+    out: Optional[torch.Tensor] = field(default=None, compare=False)
 
 
 # ---- the safetensors source ----------------------------------------------------------------------------------
@@ -114,16 +117,20 @@ class SafetensorsSource:
         return total
 
     def load(self, wanted: dict[str, TensorRequest], device) -> dict[str, torch.Tensor]:
-        """Read checkpoint tensors `wanted` (name -> TensorRequest) straight onto `device`, dequantized."""
+        """Read checkpoint tensors `wanted` (name -> TensorRequest) straight onto `device`, dequantized; a request's
+        `out` is written in place and returned."""
         stored: dict[str, Optional[tuple[int, int]]] = {}
+        into: dict[str, torch.Tensor] = {}
         for name, request in wanted.items():
             for part in (self._quantized[name][0], *self._quantized[name][1]) if name in self._quantized else (name,):
                 if part not in self.weight_map:
                     raise StreamingError(f"tensor {part} is not in the checkpoint {self.folder}; it may need a newer "
                                          "transformers or a family entry in shortgpt_fast/models/architectures.py")
                 stored[part] = request.rows
+            if request.out is not None and name not in self._quantized:
+                into[name] = request.out
         began = time.perf_counter()
-        raw = self._read(stored, device)
+        raw = self._read(stored, device, into)
         self.seconds["read"] += time.perf_counter() - began
         began = time.perf_counter()
         loaded = {}
@@ -131,13 +138,16 @@ class SafetensorsSource:
             if name in self._quantized:
                 root, companions = self._quantized[name]
                 parts = {part: raw.pop(part) for part in (root, *companions)}
-                tensor = self.dequantizer.dequantize(name, root, parts)
-                self._check_finite(name, tensor, self.weight_map[root])
+                tensor = self.dequantizer.dequantize(name, root, parts, request.dtype, request.out)
             else:
                 tensor = raw.pop(name)
                 if tensor.is_floating_point():
-                    self._check_finite(name, tensor, self.weight_map[name])
-            loaded[name] = tensor.to(request.dtype) if tensor.is_floating_point() else tensor
+                    tensor = tensor.to(request.dtype)
+            # Checked in the dtype it is computed in: a value beyond float16's range becomes inf in the cast.
+            if tensor.is_floating_point():
+                self._check_finite(name, tensor, self.weight_map[self._quantized[name][0] if name in
+                                                                  self._quantized else name])
+            loaded[name] = tensor
         self.seconds["dequantize"] += time.perf_counter() - began
         return loaded
 
@@ -149,7 +159,10 @@ class SafetensorsSource:
             raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
                                  "re-download or re-save the checkpoint")
 
-    def _read(self, stored: dict[str, Optional[tuple[int, int]]], device) -> dict[str, torch.Tensor]:
+    def _read(self, stored: dict[str, Optional[tuple[int, int]]], device,
+              into: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """name -> tensor as stored; a name in `into` is copied (and cast) from the file straight into that tensor."""
+        into = into or {}
         from safetensors import safe_open
 
         by_shard: dict[str, list[str]] = {}
@@ -172,8 +185,11 @@ class SafetensorsSource:
                         tensor = fh.get_tensor(name) if rows is None else fh.get_slice(name)[rows[0]:rows[1]]
                     except Exception as err:
                         raise StreamingError(self._damage_message(path, name, err)) from None
-                    tensor = tensor.to(device)
-                    if tensor.device.type == "cpu":
+                    if name in into and into[name].shape == tensor.shape:
+                        tensor = into[name].copy_(tensor)  # owns its bytes: no clone needed
+                    else:
+                        tensor = tensor.to(device)
+                    if tensor.device.type == "cpu" and name not in into:
                         # Own the bytes: a view into the shard's mmap would pin every page this shard map touched
                         # (RSS grew by a third of a block per block until the end of the pass).
                         tensor = tensor.clone()
@@ -417,9 +433,13 @@ class StreamedWeights:
         out, widths = None, []
         for e in range(count):
             names = [names[e] for names in layout]
-            loaded = self.source.load({name: TensorRequest(dtype) for name in names}, device)
+            slices = {}
+            if out is not None:
+                offsets = [sum(widths[:i]) for i in range(len(widths))]
+                slices = {name: out[e, a:a + w] for name, a, w in zip(names, offsets, widths)}
+            loaded = self.source.load({name: TensorRequest(dtype, out=slices.get(name)) for name in names}, device)
             parts = [loaded.pop(name) for name in names]
-            if out is None:
+            if out is None:  # the first expert's tensors give the widths; later ones are written in place
                 widths = [part.shape[0] if part.dim() else 0 for part in parts]
                 out = torch.empty((count, sum(widths), *parts[0].shape[1:]), dtype=dtype, device=device)
             offset = 0
@@ -428,7 +448,9 @@ class StreamedWeights:
                     raise StreamingError(f"cannot build {key} from its checkpoint tensors ({name} is {part.dtype} "
                                          f"{tuple(part.shape)}, expected {dtype} {(width, *out.shape[2:])}); the "
                                          "checkpoint may be incomplete: re-download or re-save it")
-                out[e, offset:offset + width].copy_(part)
+                target = out[e, offset:offset + width]
+                if part.data_ptr() != target.data_ptr():  # a source that built it apart
+                    target.copy_(part)
                 offset += width
             del parts
         return out

@@ -70,3 +70,38 @@ def test_inputs_the_kernel_cannot_take_are_named_or_refused():
     assert any("not the block grid" in r for r in why_not_native(weight, torch.ones(2, 1), (16, 16)))
     with pytest.raises(ValueError, match=r"is not the \(16, 16\) block grid"):
         fp8_block_dequantize(weight, torch.ones(2, 1), (16, 16))
+
+
+def test_bfloat16_output_equals_torchs_two_roundings_on_every_finite_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    # Scales whose products land on bfloat16 ties and beyond its range: 3.0e38 * 448 overflows to inf in bfloat16.
+    for scale in (1.0, 0.0173, 3.0e-5, 448.0, 1.0 + 2 ** -8, 3.0e38):
+        got = fp8_block_dequantize(codes, torch.full((1, 1), scale), (16, 16), dtype=torch.bfloat16)
+        want = (codes.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_into_a_slice_of_a_larger_tensor(dtype):
+    weight = random_fp8(129, 130, seed=3)
+    weight = torch.where(weight.to(torch.float32).isnan(), torch.zeros((), dtype=torch.float8_e4m3fn), weight)
+    scale = torch.rand(scale_grid(weight.shape, (128, 128)), generator=torch.Generator().manual_seed(2))
+    fused = torch.full((3, 300, 130), 7.0, dtype=dtype)  # expert 1's rows 40..169 of a fused [experts, rows, cols]
+    returned = fp8_block_dequantize(weight, scale, (128, 128), out=fused[1, 40:169])
+    assert returned.data_ptr() == fused[1, 40:169].data_ptr()
+    want = fp8_block_dequantize_reference(weight, scale, (128, 128)).to(dtype)
+    assert torch.equal(fused[1, 40:169].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    untouched = torch.ones_like(fused, dtype=torch.bool)
+    untouched[1, 40:169] = False
+    assert bool((fused[untouched] == 7.0).all())  # nothing outside the slice is written
+    # Strided output rows: a column window of a wider tensor.
+    wide = torch.zeros(129, 200, dtype=dtype)
+    fp8_block_dequantize(weight, scale, (128, 128), out=wide[:, 50:180])
+    assert torch.equal(wide[:, 50:180], want) and bool((wide[:, :50] == 0).all() and (wide[:, 180:] == 0).all())
+    assert not why_not_native(weight, scale, (128, 128), wide[:, 50:180])
+    assert any("not float32 or bfloat16" in r for r in why_not_native(weight, scale, (128, 128),
+                                                                      torch.empty(129, 130, dtype=torch.float16)))

@@ -100,6 +100,40 @@ def test_fp8_block_scaled_streamed_equals_up_front_dequantized(family, tmp_path)
     torch.testing.assert_close(bi(parts), bi(expected), rtol=1e-5, atol=0)
 
 
+def test_fp8_dequantized_straight_to_bfloat16_equals_torchs_cast_of_the_dequantized_weights(tmp_path):
+    """The kernel writes bfloat16 into the fused experts tensor, one expert's rows at a time. The oracle: the same
+    pass over a bf16 checkpoint of the reference weights (dequantized in float32 by hand, cast by torch)."""
+    # Every weight bf16-exact, so the tensors left unquantized (the router's float32 correction bias) read the same
+    # from both checkpoints.
+    model = build("deepseek_v3").to(torch.bfloat16).to(torch.float32)
+    fp8_dir, bf16_dir = tmp_path / "fp8", tmp_path / "bf16"
+    fp8_dir.mkdir()
+    reference = write_fp8(model, fp8_dir)
+    dequantized_model(model, reference).to(torch.bfloat16).save_pretrained(bf16_dir)
+    calib = calibration()
+    moe, dense, rest, expert = part_sizes(model.to(torch.bfloat16))
+    for budget in (None, max(2 * dense, rest + 4 * expert)):
+        got, expected = (collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=2,
+                                                      progress=False, compute_dtype="bfloat16", memory_budget=budget)
+                         for folder in (fp8_dir, bf16_dir))
+        assert got.streaming["quantization"] == "fp8" and got.streaming["compute_dtype"] == "bfloat16"
+        assert bool(got.streaming["blocks_in_parts"]) == (budget is not None)
+        assert torch.equal(got.per_sequence, expected.per_sequence)
+
+
+def test_a_weight_that_overflows_the_compute_dtype_is_refused(tmp_path):
+    model = build("deepseek_v3")
+    write_fp8(model, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    name = next(n for n in state if n.endswith("experts.1.down_proj.weight_scale_inv"))
+    state[name] = state[name] * 1e7  # values up to ~1e6: finite in float32, inf in float16
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, compute_dtype="float32")
+    weight = name[: -len("_scale_inv")]
+    with pytest.raises(StreamingError, match=rf"tensor {weight} holds NaN or inf values"):
+        collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, compute_dtype="float16")
+
+
 def test_compressed_tensors_int4_streamed_equals_up_front_dequantized(tmp_path):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
