@@ -455,6 +455,11 @@ class StreamedWeights:
             del parts
         return out
 
+    def outer_bytes(self) -> int:
+        """Bytes the tensors `outer` hands out take: held for the whole pass."""
+        return sum(_nbytes(self.plan.templates[k]) for key in self.plan.for_module(self.model, "", skip=self.skip)
+                   for k in self.plan._produces(key))
+
     def outer(self, device) -> dict[str, torch.Tensor]:
         """Everything outside the block stack except `skip` (the output head): model key -> tensor."""
         return self._load(self.plan.for_module(self.model, "", skip=self.skip), device)

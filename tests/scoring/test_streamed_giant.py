@@ -2,6 +2,7 @@
 in-memory scoring; MTP layers past num_hidden_layers are ignored."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, M
 from shortgpt_fast.data.calibration import from_tensors
 from shortgpt_fast.ops.bi_reduce import Stat
 from shortgpt_fast.scoring.block_influence import collect_layer_stats
-from shortgpt_fast.scoring.streamed import StreamingError, collect_layer_stats_streamed
+from shortgpt_fast.scoring.streamed import EXPERT_WORK_SHARE, StreamingError, collect_layer_stats_streamed
 
 
 def _mixtral():
@@ -82,6 +83,22 @@ def part_sizes(model):
     return moe, dense, rest, expert
 
 
+def outside_bytes(model) -> int:
+    """The weights a streamed pass holds throughout: everything outside the blocks but the output head."""
+    head = {id(p) for p in model.get_output_embeddings().parameters()}
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if ".layers." not in n and id(p) not in head)
+
+
+def group_budget(model, experts: int, loading: int = 1) -> int:
+    """A memory budget under which each MoE block runs in groups of about `experts` experts (one group computing, the
+    next loading at `loading` x its size, plus the working share of the budget) and dense blocks load whole."""
+    _moe, dense, rest, expert = part_sizes(model)
+    held = outside_bytes(model)
+    weights = held + rest + experts * (1 + loading) * expert
+    return max(-(-weights * EXPERT_WORK_SHARE // (EXPERT_WORK_SHARE - 1)), held + 2 * dense)
+
+
 def bi(stats) -> torch.Tensor:
     sums = stats.per_sequence.sum(dim=1)
     return sums[:, Stat.SUM_ONE_MINUS_COS] / sums[:, Stat.TOKENS]
@@ -93,9 +110,8 @@ def test_moe_block_larger_than_the_budget_streams_in_expert_groups(family, tmp_p
     moe, dense, rest, expert = part_sizes(model)
     # The budget holds a dense block computing and the next loading, and a MoE block less its experts with a group
     # of two experts computing and the next two loading (per-expert stacks fill in place, so loading takes a part's
-    # own size), so every MoE block runs in groups of two (the last one odd-sized) while the whole budget is below
-    # one MoE block.
-    budget = max(2 * dense, rest + 2 * 2 * expert)
+    # own size), so every MoE block runs in groups of two or so while the whole budget is below one MoE block.
+    budget = group_budget(model, 2)
     assert budget < moe, "the premise: one MoE block does not fit the budget"
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     calib = calibration()
@@ -130,16 +146,23 @@ def test_a_budget_too_small_for_one_expert_says_how_much_is_needed(tmp_path):
     model = build("deepseek_v3")
     model.save_pretrained(tmp_path)
     _moe, dense, _rest, _expert = part_sizes(model)
+    held = outside_bytes(model)
+    with pytest.raises(StreamingError, match=r"the weights outside the blocks \(embeddings, final norm\) take .* raise "
+                                             r"--memory-budget above"):
+        collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, memory_budget=held)
     with pytest.raises(StreamingError, match=r"block 0 needs .* MB and has no routed experts.*raise --memory-budget"):
-        collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, memory_budget=dense)
+        collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False, memory_budget=held + dense)
     mixtral = build("mixtral")  # MoE in every layer
     mixtral.save_pretrained(tmp_path / "mixtral")
     _moe, _dense, rest, expert = part_sizes(mixtral)
     # The block less its experts fits, one expert computing and one loading (twice its size) do not.
-    with pytest.raises(StreamingError, match=r"block 0 less its experts .* plus one expert computing and one loading "
-                                             r".*raise --memory-budget to at least"):
+    enough = group_budget(mixtral, 1)
+    with pytest.raises(StreamingError, match=r"block 0 less its experts, with the weights outside the blocks .* plus "
+                                             r"one expert computing and one loading .*raise --memory-budget to at "
+                                             r"least"):
         collect_layer_stats_streamed(str(tmp_path / "mixtral"), calibration(), progress=False,
-                                     memory_budget=rest + 2 * expert - 1)
+                                     memory_budget=enough - expert)
+    collect_layer_stats_streamed(str(tmp_path / "mixtral"), calibration(), progress=False, memory_budget=enough)
 
 
 def test_deepseek_mtp_layer_is_not_scored_and_does_not_break_streaming(tmp_path):
@@ -200,7 +223,33 @@ def test_an_expert_tensor_of_the_wrong_shape_is_refused(tmp_path):
     name = next(k for k in state if ".experts.3." in k)
     state[name] = state[name][:-1].clone()
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    _moe, dense, rest, expert = part_sizes(build("mixtral"))
     with pytest.raises(StreamingError, match=rf"cannot build .* \({name} is torch.float32 .*re-download"):
         collect_layer_stats_streamed(str(tmp_path), calibration(), progress=False,
-                                     memory_budget=max(2 * dense, rest + 4 * expert))
+                                     memory_budget=group_budget(build("mixtral"), 2))
+
+
+def test_routes_in_chunks_of_one_row_give_the_same_scores(tmp_path, monkeypatch):
+    """The working share of the budget bounds how many routes one experts call takes; at one route per call every
+    token's outputs are still added in slot order, so only the GEMMs' rounding may differ."""
+    import shortgpt_fast.scoring.streamed as streamed
+
+    model = build("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    calib = calibration()
+    budget = group_budget(model, 3)
+    whole = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=5, angular_span=2, progress=False,
+                                         memory_budget=budget)
+    calls = []
+    original = type(model.model.layers[1].mlp.experts).forward
+
+    @functools.wraps(original)  # the routing arguments are read through its signature
+    def counting(self, hidden, *args, **kwargs):
+        calls.append(hidden.shape[0])
+        return original(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.model.layers[1].mlp.experts), "forward", counting)
+    monkeypatch.setattr(streamed, "EXPERT_ROW_FACTOR", 10**12)  # any budget's working share holds one route
+    single = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=5, angular_span=2, progress=False,
+                                          memory_budget=budget)
+    assert calls and set(calls) == {1}
+    torch.testing.assert_close(single.per_sequence, whole.per_sequence, rtol=1e-5, atol=1e-9)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_streamed_giant import bi, build, calibration, part_sizes
+from test_streamed_giant import bi, build, calibration, group_budget
 from tiny_models import tiny_llama
 
 from shortgpt_fast.scoring.block_influence import collect_layer_stats
@@ -93,9 +93,8 @@ def test_fp8_block_scaled_streamed_equals_up_front_dequantized(family, tmp_path)
     unquantized = collect_layer_stats(model, calib, batch_size=2, angular_span=2, progress=False)
     assert not torch.allclose(bi(unquantized), bi(expected), rtol=1e-5, atol=0)
     # Under a budget smaller than one MoE block: dequantized group by group, same BI to rounding.
-    moe, dense, rest, expert = part_sizes(model)
     parts = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=2, angular_span=2, progress=False,
-                                         memory_budget=max(3 * dense, rest + 6 * expert))
+                                         memory_budget=group_budget(model, 3))
     assert parts.streaming["blocks_in_parts"]
     torch.testing.assert_close(bi(parts), bi(expected), rtol=1e-5, atol=0)
 
@@ -111,8 +110,7 @@ def test_fp8_dequantized_straight_to_bfloat16_equals_torchs_cast_of_the_dequanti
     reference = write_fp8(model, fp8_dir)
     dequantized_model(model, reference).to(torch.bfloat16).save_pretrained(bf16_dir)
     calib = calibration()
-    moe, dense, rest, expert = part_sizes(model.to(torch.bfloat16))
-    for budget in (None, max(2 * dense, rest + 4 * expert)):
+    for budget in (None, group_budget(model.to(torch.bfloat16), 2)):
         got, expected = (collect_layer_stats_streamed(str(folder), calib, batch_size=2, angular_span=2,
                                                       progress=False, compute_dtype="bfloat16", memory_budget=budget)
                          for folder in (fp8_dir, bf16_dir))
@@ -228,8 +226,7 @@ def test_mxfp4_gpt_oss_streamed_equals_up_front_dequantized(tmp_path):
     assert got.streaming["quantization"] == "mxfp4"
     torch.testing.assert_close(got.per_sequence, expected.per_sequence, rtol=1e-7, atol=1e-12)
     # Under a budget below one block the packed rows of each expert group are read as slices and dequantized alone.
-    _moe, _dense, rest, expert = part_sizes(model)
     parts = collect_layer_stats_streamed(str(tmp_path), calib, batch_size=2, angular_span=2, progress=False,
-                                         memory_budget=rest + 6 * expert)
+                                         memory_budget=group_budget(model, 2, loading=2))
     assert parts.streaming["blocks_in_parts"] == [0, 1]
     torch.testing.assert_close(bi(parts), bi(expected), rtol=1e-5, atol=0)
