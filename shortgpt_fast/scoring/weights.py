@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import ExitStack, contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,24 +131,32 @@ class SafetensorsSource:
             if request.out is not None and name not in self._quantized:
                 into[name] = request.out
         began = time.perf_counter()
-        raw = self._read(stored, device, into)
-        self.seconds["read"] += time.perf_counter() - began
-        began = time.perf_counter()
         loaded = {}
-        for name, request in wanted.items():
-            if name in self._quantized:
-                root, companions = self._quantized[name]
-                parts = {part: raw.pop(part) for part in (root, *companions)}
-                tensor = self.dequantizer.dequantize(name, root, parts, request.dtype, request.out)
-            else:
-                tensor = raw.pop(name)
+        with self._mapped(stored, device, into) as raw:
+            self.seconds["read"] += time.perf_counter() - began
+            began = time.perf_counter()
+            mapped = {t.untyped_storage().data_ptr() for t in raw.values() if t.device.type == "cpu"}
+            for name, request in wanted.items():
+                if name in self._quantized:
+                    root, companions = self._quantized[name]
+                    parts = {part: raw.pop(part) for part in (root, *companions)}
+                    # The dequantizer reads the mapped bytes where they lie: cloning them first cost as much again
+                    # as the FP8 kernel itself.
+                    tensor = self.dequantizer.dequantize(name, root, parts, request.dtype, request.out)
+                    del parts
+                else:
+                    tensor = raw.pop(name)
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(request.dtype)
+                if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in mapped:
+                    # Own the bytes: a view into the shard's mmap would pin every page this shard map touched (RSS
+                    # grew by a third of a block per block until the end of the pass), and dies with the mapping.
+                    tensor = tensor.clone()
+                # Checked in the dtype it is computed in: a value beyond float16's range becomes inf in the cast.
                 if tensor.is_floating_point():
-                    tensor = tensor.to(request.dtype)
-            # Checked in the dtype it is computed in: a value beyond float16's range becomes inf in the cast.
-            if tensor.is_floating_point():
-                self._check_finite(name, tensor, self.weight_map[self._quantized[name][0] if name in
-                                                                  self._quantized else name])
-            loaded[name] = tensor
+                    self._check_finite(name, tensor, self.weight_map[self._quantized[name][0] if name in
+                                                                      self._quantized else name])
+                loaded[name] = tensor
         self.seconds["dequantize"] += time.perf_counter() - began
         return loaded
 
@@ -159,26 +168,28 @@ class SafetensorsSource:
             raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
                                  "re-download or re-save the checkpoint")
 
-    def _read(self, stored: dict[str, Optional[tuple[int, int]]], device,
-              into: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-        """name -> tensor as stored; a name in `into` is copied (and cast) from the file straight into that tensor."""
-        into = into or {}
+    @contextmanager
+    def _mapped(self, stored: dict[str, Optional[tuple[int, int]]], device,
+                into: Optional[dict[str, torch.Tensor]] = None):
+        """name -> tensor as stored, valid inside the `with` only: on the CPU a view into the shard's mmap, which is
+        unmapped on exit. A name in `into` is copied (and cast) from the file straight into that tensor instead."""
         from safetensors import safe_open
 
+        into = into or {}
         by_shard: dict[str, list[str]] = {}
         for name in stored:
             by_shard.setdefault(self.weight_map[name], []).append(name)
         # safe_open on a CUDA device copies each tensor straight from the mmap to the GPU.
         open_device = str(device) if torch.device(device).type == "cuda" else "cpu"
         out = {}
-        for shard, names in by_shard.items():
-            path = self.folder / shard
-            # Opened per block, not kept open: touched mmap pages count as resident until the file is unmapped.
-            try:
-                handle = safe_open(str(path), framework="pt", device=open_device)
-            except Exception as err:  # safetensors raises its own error types for every kind of damage
-                raise StreamingError(self._damage_message(path, names[0], err)) from None
-            with handle as fh:
+        with ExitStack() as files:
+            for shard, names in by_shard.items():
+                path = self.folder / shard
+                # Opened per part, not kept open: touched mmap pages count as resident until the file is unmapped.
+                try:
+                    fh = files.enter_context(safe_open(str(path), framework="pt", device=open_device))
+                except Exception as err:  # safetensors raises its own error types for every kind of damage
+                    raise StreamingError(self._damage_message(path, names[0], err)) from None
                 for name in names:
                     rows = stored[name]
                     try:
@@ -186,15 +197,12 @@ class SafetensorsSource:
                     except Exception as err:
                         raise StreamingError(self._damage_message(path, name, err)) from None
                     if name in into and into[name].shape == tensor.shape:
-                        tensor = into[name].copy_(tensor)  # owns its bytes: no clone needed
-                    else:
-                        tensor = tensor.to(device)
-                    if tensor.device.type == "cpu" and name not in into:
-                        # Own the bytes: a view into the shard's mmap would pin every page this shard map touched
-                        # (RSS grew by a third of a block per block until the end of the pass).
-                        tensor = tensor.clone()
-                    out[name] = tensor
-        return out
+                        tensor = into[name].copy_(tensor)
+                    out[name] = tensor.to(device)
+            try:
+                yield out
+            finally:
+                out.clear()  # no view outlives its mapping
 
     def _damage_message(self, path: Path, name: str, err: Exception) -> str:
         """Name the tensor that lies where the file is damaged, which is not always the one being read."""
