@@ -259,7 +259,10 @@ def main() -> None:
         "read_every_shard_gb_per_s": read_gb_s, "run": run,
         "peak_rss_growth_over_budget": (run["peak_rss"] - run["rss_before"]) / budget,
         "retained_after_first_pass_bytes": run["rss_after"] - run["rss_before"],
-        "second_pass": {k: warm[k] for k in ("wall_s", "peak_rss", "rss_before", "rss_after")},
+        "second_pass": {k: warm[k] for k in ("wall_s", "peak_rss", "rss_before", "rss_after", "load_s", "read_s",
+                                             "dequantize_s", "rest_compute_s", "experts_compute_s")},
+        "second_pass_experts_fraction_of_faster_matmul": routed_flops / warm["experts_compute_s"] / 1e9
+        / max(ceiling.values()),
         "second_pass_peak_rss_growth_over_budget": (warm["peak_rss"] - warm["rss_before"]) / budget,
         "second_pass_bi_equal": warm["bi"] == run["bi"],
         "wall_over_max_read_dequantize_compute": run["wall_s"] / max(run["read_s"], run["dequantize_s"] + compute_s),

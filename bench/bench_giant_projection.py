@@ -53,11 +53,13 @@ def project(measured: dict) -> dict:
     # The non-expert part of the measured MoE layers ran twice; dense layers' time is left out of both sides.
     rest_flops = 2 * tokens * rest_params * 2 * moe_layers
     cpu = {
-        "read_gb_per_s": measured["checkpoint_bytes"] / run["read_s"] / 1e9,
+        # The pass dequantizes straight from the mapped shard, so its page-ins count as dequantization; the read
+        # rate is the same run's sequential read of every shard (page cache warm, as in the pass).
+        "read_gb_per_s": measured["read_every_shard_gb_per_s"],
         "dequantize_gelem_per_s": measured["dequantize_gelem_per_s"],
         "expert_gflops": measured["routed_experts_gflops"],
         "rest_gflops": rest_flops / run["rest_compute_s"] / 1e9,
-        "memory_gb": 24.0, "compute_bytes": 4,  # float32: no native BF16 on this CPU
+        "memory_gb": 24.0, "compute_bytes": 2 if run["compute_dtype"] in ("bfloat16", "float16") else 4,
     }
     targets = {"this machine (measured rates)": (cpu, (tokens,)),
                ASSUMED_GPU["name"] + " (assumed rates)": (ASSUMED_GPU, (tokens, 128 * 2048))}
