@@ -59,8 +59,9 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
                        help="score one block at a time from the checkpoint's shards (models larger than memory); "
                             "chosen automatically when the model would not fit")
     group.add_argument("--memory-budget", type=T.byte_size, default=None, metavar="SIZE",
-                       help="streamed scoring: bytes the weights in flight may take, e.g. 16GB (default: a share of "
-                            "free memory); blocks larger than a third of it load in parts")
+                       help="streamed scoring: bytes the weights held may take, e.g. 16GB (default: a share of "
+                            "free memory); a MoE block that cannot compute while the next loads within it runs its "
+                            "experts in groups")
     group.add_argument("--compute-dtype", default=None, choices=COMPUTE_DTYPES,
                        help="streamed scoring: the dtype blocks compute in (default: --dtype); 'auto' picks bfloat16 "
                             "on CPUs with native BF16 matmuls, the checkpoint's dtype on GPUs")
