@@ -6,9 +6,11 @@
 The checkpoint is written directly in DeepSeek-V3's safetensors layout (per-expert e4m3 weights, one float32
 `weight_scale_inv` per 128x128 block, bf16 norms/embeddings/router, `quantization_config` fp8), scaled down in width
 and depth, so it fits this disk; its MoE blocks are still several times the budget once dequantized to float32, so
-each runs in expert groups. One scoring run in a child process reports: peak RSS (VmHWM) against the budget, wall
+each runs in expert groups. Two scoring passes in one child process report: peak RSS (VmHWM) against the budget, wall
 time against max(read, dequantize + compute), the per-part times, and the routed experts' GFLOP/s against plain
-torch.matmul on the same GEMM shapes in float32 and bfloat16, timed in the same run. Writes bench/results/giant.json
+torch.matmul on the same GEMM shapes in float32 and bfloat16, timed in the same run. Then the oracle: the same weights
+dequantized up front by compressed-tensors, loaded by from_pretrained and scored in memory in float32, against a
+streamed pass computing in float32 under the same budget. Writes bench/results/giant.json
 and giant.png; bench/bench_giant_projection.py projects DeepSeek-V3 and Kimi-K2 from it.
 """
 from __future__ import annotations
@@ -147,6 +149,58 @@ print(json.dumps(runs))
 """
 
 
+ORACLE = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from shortgpt_fast.data.calibration import from_tensors
+from shortgpt_fast.scoring.block_influence import collect_layer_stats
+from shortgpt_fast.scoring.streamed import collect_layer_stats_streamed
+
+fp8, dense, samples, seq_len, batch, budget = sys.argv[1:7]
+ids = torch.randint(1, 8000, (int(samples), int(seq_len)), generator=torch.Generator().manual_seed(0))
+calib = from_tensors(ids)
+
+def bi(stats):
+    return (stats.per_sequence[:, :, 1].sum(1) / stats.per_sequence[:, :, 0].sum(1)).tolist()
+
+streamed = collect_layer_stats_streamed(fp8, calib, batch_size=int(batch), progress=False, memory_budget=int(budget),
+                                        compute_dtype="float32")
+model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+in_memory = collect_layer_stats(model, calib, batch_size=int(batch), progress=False)
+print(json.dumps({"streamed_bi": bi(streamed), "in_memory_bi": bi(in_memory),
+                  "blocks_in_parts": streamed.streaming["blocks_in_parts"],
+                  "expert_groups": streamed.streaming["expert_groups"]}))
+"""
+
+
+def dequantize_up_front(folder: Path, out: Path) -> None:
+    """The oracle's checkpoint: every FP8 weight dequantized to float32 by compressed-tensors' FP8BlockDequantizer (the
+    library, not our kernel), everything else as stored, config.json without its quantization_config."""
+    import torch
+    from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for scale_name in [n for n in tensors if n.endswith(".weight_scale_inv")]:
+            weight_name = scale_name[: -len("_scale_inv")]
+            module = weight_name.rpartition(".")[0]
+            library = FP8BlockDequantizer(targets=frozenset({module}), weight_block_size=(BLOCK, BLOCK),
+                                          dtype=torch.float32)
+            library._checkpoint_targets = frozenset({module})
+            pair = {weight_name: tensors.pop(weight_name), scale_name: tensors.pop(scale_name)}
+            tensors[weight_name] = library.process(pair)[weight_name]
+        save_file(tensors, out / shard.name, metadata={"format": "pt"})
+        del tensors
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.endswith("_scale_inv")}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def matmul_rates(rows: int, hidden: int, inter: int, repeats: int = 5) -> dict:
     """GFLOP/s of plain torch.matmul for one expert's GEMMs (rows x hidden @ hidden x 2*inter, then rows x inter @
     inter x hidden) in float32 and bfloat16: the ceiling the streamed experts compute is compared with."""
@@ -223,6 +277,8 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="auto")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoint (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    parser.add_argument("--no-oracle", action="store_true",
+                        help="skip the in-memory run of the same weights dequantized up front (6.3 GB in float32)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-giant-", dir=args.workdir))
     try:
@@ -239,9 +295,24 @@ def main() -> None:
         if result.returncode != 0:
             raise SystemExit(f"scoring failed:\n{result.stderr[-3000:]}")
         run, warm = json.loads(result.stdout.strip().splitlines()[-1])
+        oracle = None
+        if not args.no_oracle:
+            dense = workdir / "dequantized"
+            dequantize_up_front(workdir, dense)
+            result = subprocess.run([sys.executable, "-c", ORACLE, str(workdir), str(dense), str(args.samples),
+                                     str(args.seq_len), str(args.batch_size), str(budget)], capture_output=True,
+                                    text=True, env=env, cwd=HERE.parent)
+            if result.returncode != 0:
+                raise SystemExit(f"the in-memory oracle failed:\n{result.stderr[-3000:]}")
+            oracle = json.loads(result.stdout.strip().splitlines()[-1])
+            oracle["max_relative_bi_difference"] = max(abs(a - b) / abs(b) for a, b in
+                                                       zip(oracle["streamed_bi"], oracle["in_memory_bi"]))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    if not run["blocks_in_parts"]:
+        raise SystemExit(f"every block loaded whole under {args.budget_gb} GB, so nothing here measures expert "
+                         "groups: lower --budget-gb")
     h, inter, experts, top_k = (kwargs["hidden_size"], kwargs["moe_intermediate_size"], args.experts,
                                 kwargs["num_experts_per_tok"])
     tokens = args.samples * args.seq_len
@@ -265,6 +336,9 @@ def main() -> None:
         / max(ceiling.values()),
         "second_pass_peak_rss_growth_over_budget": (warm["peak_rss"] - warm["rss_before"]) / budget,
         "second_pass_bi_equal": warm["bi"] == run["bi"],
+        # Streamed with float32 compute against the model from_pretrained builds from the same weights dequantized up
+        # front by compressed-tensors, scored in memory in float32.
+        "in_memory_oracle": oracle,
         "wall_over_max_read_dequantize_compute": run["wall_s"] / max(run["read_s"], run["dequantize_s"] + compute_s),
         "dequantize_gelem_per_s": sizes["fp8_bytes"] / run["dequantize_s"] / 1e9,
         "routed_experts_gflops": streamed_gflops, "matmul_gflops_same_shapes": ceiling,
