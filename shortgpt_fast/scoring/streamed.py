@@ -292,8 +292,8 @@ def _plan_blocks(weights: StreamedWeights, budget: int) -> list[_BlockPlan]:
     is counted at its peak (StreamedWeights.block_loading_bytes: a converter's inputs and output at once)."""
     held = weights.outer_bytes()
     if held >= budget:
-        raise StreamingError(f"the weights outside the blocks (embeddings, final norm) take {_size(held)}, held for the "
-                             f"whole pass, and the memory budget is {_size(budget)}; raise --memory-budget above "
+        raise StreamingError(f"the weights outside the blocks (embeddings, final norm) take {_size(held)}, held for "
+                             f"the whole pass, and the memory budget is {_size(budget)}; raise --memory-budget above "
                              f"{_size(held)} plus two blocks")
     plans = []
     for layer, block in enumerate(weights.blocks):
@@ -477,10 +477,11 @@ def collect_layer_stats_streamed(
     model_path: a local safetensors checkpoint folder or alias (FP8 block-scaled and compressed-tensors checkpoints
     are dequantized as they load), or a .gguf file (any part of a split set; each block dequantized by gguf-py).
     dtype: the dtype activations are kept in between blocks (and BI computed from).
-    memory_budget: bytes the weights in flight may take (default: hardware.WEIGHT_MEMORY_FRACTION of free memory); a
-    block that cannot compute while the next one loads within it runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto",
-    "float32", "bfloat16" or "float16": the dtype blocks compute in (see hardware.choose_compute_dtype); the choice and
-    why are in `.streaming["compute_dtype"]`/`["compute_dtype_reason"]`. activation_budget: bytes activations may take
+    memory_budget: bytes the weights held may take, the embeddings included (default:
+    hardware.WEIGHT_MEMORY_FRACTION of free memory); a block that cannot compute while the next one loads within it
+    runs in parts, its routed experts in groups. compute_dtype: None (= dtype), "auto", "float32", "bfloat16" or
+    "float16": the dtype blocks compute in (see hardware.choose_compute_dtype); the choice and why are in
+    `.streaming["compute_dtype"]`/`["compute_dtype_reason"]`. activation_budget: bytes activations may take
     on the device before they go to host memory or disk.
     Raises ScoringError (bad batch size), ModelLoadError (unknown dtype), ValueError (bad budget or compute dtype),
     StreamingError (a checkpoint it cannot read, a block it cannot split under the budget, a quantization method it

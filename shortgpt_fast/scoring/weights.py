@@ -45,7 +45,8 @@ class WeightSource(Protocol):
         """Bytes of every tensor as stored, or, given `dtype`, with floating tensors in that dtype."""
 
     def load(self, wanted: dict[str, "TensorRequest"], device) -> dict[str, torch.Tensor]:
-        """name -> tensor on `device`, for each requested name (rows sliced where the request says so)."""
+        """name -> tensor on `device`, for each requested name (rows sliced where the request says so; written into
+        the request's `out` where the source can, else a tensor of its own)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class SafetensorsSource:
         with self._mapped(stored, device, into) as raw:
             self.seconds["read"] += time.perf_counter() - began
             began = time.perf_counter()
-            mapped = {t.untyped_storage().data_ptr() for t in raw.values() if t.device.type == "cpu"}
+            mapped = {t.untyped_storage().data_ptr() for n, t in raw.items()
+                      if t.device.type == "cpu" and n not in into}
             for name, request in wanted.items():
                 if name in self._quantized:
                     root, companions = self._quantized[name]
@@ -148,7 +150,7 @@ class SafetensorsSource:
                     tensor = raw.pop(name)
                     if tensor.is_floating_point():
                         tensor = tensor.to(request.dtype)
-                if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in mapped:
+                if name not in into and tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in mapped:
                     # Own the bytes: a view into the shard's mmap would pin every page this shard map touched (RSS
                     # grew by a third of a block per block until the end of the pass), and dies with the mapping.
                     tensor = tensor.clone()
