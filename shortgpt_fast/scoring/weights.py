@@ -451,7 +451,13 @@ class StreamedWeights:
             parts = [loaded.pop(name) for name in names]
             if out is None:  # the first expert's tensors give the widths; later ones are written in place
                 widths = [part.shape[0] if part.dim() else 0 for part in parts]
-                out = torch.empty((count, sum(widths), *parts[0].shape[1:]), dtype=dtype, device=device)
+                per_expert = (sum(widths), *parts[0].shape[1:])
+                expected = tuple(self.plan.templates[key].shape[1:])
+                if per_expert != expected:  # refused before anything the size of the group is allocated
+                    raise StreamingError(f"cannot build {key} from its checkpoint tensors ({', '.join(names)} give "
+                                         f"{per_expert} per expert, the model expects {expected}); the checkpoint is "
+                                         "incomplete or does not match its config.json: re-download or re-save it")
+                out = torch.empty((count, *per_expert), dtype=dtype, device=device)
             offset = 0
             for name, part, width in zip(names, parts, widths):
                 if part.dtype != dtype or part.dim() + 1 != out.dim() or part.shape != (width, *out.shape[2:]):
