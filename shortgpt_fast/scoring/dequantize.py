@@ -126,9 +126,6 @@ class _FP8BlockOnCPU:
     def get_dependencies(self, name: str) -> set[str]:
         return self._converter.get_dependencies(name)
 
-    def process(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.process_into(parts, torch.float32, None)
-
     def process_into(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
                      out: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """{weight name: the weight in `dtype`}, written into `out` when given and the kernel can write there."""

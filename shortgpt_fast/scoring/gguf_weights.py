@@ -4,7 +4,8 @@ Implements the weight-source protocol of shortgpt_fast/scoring/weights.py (`fold
 so a streamed pass can read one block of a GGUF model at a time instead of dequantizing the whole file. Names are
 mapped with transformers' own GGUF tables (get_gguf_hf_weights_map) and each tensor goes through the same
 per-architecture processor transformers applies when it loads a GGUF (e.g. Llama's q/k un-permutation), so a tensor
-loaded here equals the one `from_pretrained(dir, gguf_file=...)` holds. Dequantization is gguf-py's. The file is
+loaded here equals the one `from_pretrained(dir, gguf_file=...)` holds. Dequantization gives gguf-py's bits (our
+C++ kernel for the common block types, gguf-py itself for the rest). The file is
 read with plain positioned reads, never mapped, so resident memory stays at the tensors being loaded.
 """
 from __future__ import annotations
@@ -128,13 +129,19 @@ class GGUFSource:
                                               parsed_parameters={}).weights
             array = np.ascontiguousarray(weights)  # copies only a view (Llama's q/k un-permutation) or read-only bytes
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-            if tensor.is_floating_point() and not all_finite(tensor):
-                raise GGUFError(f"{self._where[gguf_name][0]}: tensor {gguf_name} holds NaN or inf values once "
-                                "dequantized; the file is corrupt: re-download or re-convert it")
             rows: Optional[tuple[int, int]] = getattr(request, "rows", None)
             if rows is not None:
                 tensor = tensor[rows[0]:rows[1]]
-            out[name] = tensor.to(device=device, dtype=request.dtype) if tensor.is_floating_point() else \
-                tensor.to(device)
+            if tensor.is_floating_point():
+                tensor = tensor.to(device=device, dtype=request.dtype)
+                # Checked in the dtype it computes in, as SafetensorsSource does: float16 can overflow in the cast.
+                if not all_finite(tensor):
+                    raise GGUFError(f"{self._where[gguf_name][0]}: tensor {gguf_name} holds NaN or inf values once "
+                                    f"dequantized to {str(request.dtype).replace('torch.', '')}; the file is corrupt "
+                                    "or the compute dtype too narrow: re-download or re-convert it, or compute in "
+                                    "float32")
+            else:
+                tensor = tensor.to(device)
+            out[name] = tensor
             self.seconds["dequantize"] += time.perf_counter() - began
         return out

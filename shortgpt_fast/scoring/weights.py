@@ -167,8 +167,9 @@ class SafetensorsSource:
         from ..ops.finite import all_finite
 
         if not all_finite(tensor):
-            raise StreamingError(f"shard {shard} is corrupt: tensor {name} holds NaN or inf values; "
-                                 "re-download or re-save the checkpoint")
+            raise StreamingError(f"shard {shard}: tensor {name} holds NaN or inf values in "
+                                 f"{str(tensor.dtype).replace('torch.', '')}; the shard is corrupt or the compute dtype "
+                                 "too narrow: re-download or re-save the checkpoint, or compute in float32")
 
     @contextmanager
     def _mapped(self, stored: dict[str, Optional[tuple[int, int]]], device,
@@ -447,6 +448,8 @@ class StreamedWeights:
             if out is not None:
                 offsets = [sum(widths[:i]) for i in range(len(widths))]
                 slices = {name: out[e, a:a + w] for name, a, w in zip(names, offsets, widths)}
+            # One load per expert: the shard stays mapped for the whole call, so only one expert's stored pages are
+            # resident at a time.
             loaded = self.source.load({name: TensorRequest(dtype, out=slices.get(name)) for name in names}, device)
             parts = [loaded.pop(name) for name in names]
             if out is None:  # the first expert's tensors give the widths; later ones are written in place
