@@ -109,9 +109,9 @@ def score(
     (sf.register_metric) computed beside the built-in ones. quantize="nf4" (bitsandbytes) or "int4" (torchao) scores a
     4-bit copy of the model (evaluation/quantize.py, as `eval --quantize`). trust_remote_code as in `load`.
 
-    memory_budget (bytes every weight held may take, embeddings included) and compute_dtype ("auto", "float32", "bfloat16", "float16") are
-    passed to streamed scoring (scoring/streamed.py) and imply streamed=True; what was chosen and why is in
-    `.calibration` (compute_dtype, compute_dtype_reason, quantization, blocks_in_parts).
+    memory_budget (bytes every weight held may take, embeddings included) and compute_dtype ("auto", "float32",
+    "bfloat16", "float16") are passed to streamed scoring (scoring/streamed.py) and imply streamed=True; what was
+    chosen and why is in `.calibration` (compute_dtype, compute_dtype_reason, quantization, blocks_in_parts).
 
     Raises ValueError for streamed=True with a loaded module, with device_map, with metrics, quantize or
     trust_remote_code, and for memory_budget or compute_dtype without streaming; loading, calibration and scoring
